@@ -1,0 +1,206 @@
+"""What one device can do: a frozen value the rest of the cost model is handed.
+
+A :class:`DeviceSpec` is loaded from the catalog (datasheet figures) or from a profile
+(``autopar profile``, measured on this machine); nothing in the cost formulas knows which
+hardware it runs on. Every spec carries a :class:`Provenance` so a predicted figure can be
+traced back to a datasheet URL or a measurement.
+
+Units: FLOP/s, bytes, bytes/s, seconds. Bandwidths are per direction.
+
+Matmul efficiency curve
+-----------------------
+Peak FLOP/s is never reached, and small matmuls are far from it (launch overhead, tile
+quantisation, too little work per core). The model is
+
+    achieved(F) = peak * eff_max * F / (F + flops_half)
+
+for a matmul of F FLOPs. Equivalently ``time(F) = (F + flops_half) / (peak * eff_max)``: a
+fixed per-kernel cost ``t0 = flops_half / (peak * eff_max)`` plus the work at the best
+sustained rate. ``eff_max`` is the large-matmul fraction of peak (e.g. the "Maximum
+Achievable Matmul FLOPS" of stas00/ml-engineering); ``flops_half`` is the matmul size that
+reaches half of it. Both are per dtype, since a CPU may run bf16 far below fp32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+#: Dtype keys every DeviceSpec.peak_flops must have (dense figures, no 2:4 sparsity).
+DTYPES: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16")
+KINDS: tuple[str, ...] = ("gpu", "cpu")
+HOST_LINKS: tuple[str, ...] = ("pcie4", "pcie5", "nvlink-c2c", "none")
+
+_DTYPE_ALIASES = {
+    "float32": "fp32", "float": "fp32", "torch.float32": "fp32",
+    "bfloat16": "bf16", "torch.bfloat16": "bf16",
+    "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
+    "tensorfloat32": "tf32",
+}
+
+
+def normalize_dtype(dtype: Any) -> str:
+    """Map ``torch.bfloat16``, ``"bfloat16"``, ``"bf16"`` ... to the DTYPES key."""
+    key = str(dtype).lower()
+    key = _DTYPE_ALIASES.get(key, key)
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: expected one of {DTYPES} (or a torch dtype)")
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """Where a figure came from: a datasheet URL or "measured on HOST", and when."""
+
+    source: str
+    date: str
+    host: str = ""
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ValueError("Provenance.source must be a non-empty string (a URL or 'measured on HOST')")
+        if not isinstance(self.date, str) or not self.date.strip():
+            raise ValueError(f"Provenance.date must be a non-empty string, got {self.date!r}")
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "date": self.date, "host": self.host, "notes": self.notes}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "Provenance":
+        return cls(source=d["source"], date=d["date"], host=d.get("host", ""), notes=d.get("notes", ""))
+
+
+def _frozen_map(name: str, value: Any) -> Mapping[str, float]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"DeviceSpec.{name} must be a dict dtype->number, got {type(value).__name__}")
+    return MappingProxyType({str(k): float(v) for k, v in value.items()})
+
+
+def _check_positive(owner: str, name: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{owner}.{name} must be a finite number {bound}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One accelerator or CPU socket (or, for ``local:N``, one process's share of this host).
+
+    Fields:
+      peak_flops: dtype -> dense peak FLOP/s, keys ``fp32``, ``tf32``, ``bf16``, ``fp16``.
+      memory_bytes / memory_bandwidth: device memory (HBM, or DRAM for a CPU) and its B/s.
+      host_link / host_link_bandwidth: the link to host memory used for offload (B/s per
+        direction); ``"none"`` with bandwidth 0 for a CPU, whose memory *is* host memory.
+      host_memory_bytes: host memory available to this device for offload (0 for a CPU).
+      matmul_eff_max / matmul_flops_half: per-dtype efficiency curve (module docstring).
+      memory_bw_efficiency: fraction of memory_bandwidth a streaming kernel achieves.
+      op_overhead_s: fixed cost of launching one op (kernel launch + framework dispatch).
+    """
+
+    name: str
+    kind: str
+    arch: str
+    peak_flops: Mapping[str, float]
+    memory_bytes: int
+    memory_bandwidth: float
+    host_link: str
+    host_link_bandwidth: float
+    host_memory_bytes: int
+    matmul_eff_max: Mapping[str, float]
+    matmul_flops_half: Mapping[str, float]
+    memory_bw_efficiency: float
+    op_overhead_s: float
+    provenance: Provenance
+    cores: int = 0  # CPU cores (or SMs for a GPU); informative, 0 when unknown
+
+    def __post_init__(self) -> None:
+        owner = f"DeviceSpec({self.name!r})"
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"DeviceSpec.name must be a non-empty string, got {self.name!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"{owner}.kind must be one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.arch, str) or not self.arch:
+            raise ValueError(f"{owner}.arch must be a non-empty string like 'sm90' or 'aarch64'")
+        if self.host_link not in HOST_LINKS:
+            raise ValueError(f"{owner}.host_link must be one of {HOST_LINKS}, got {self.host_link!r}")
+        for name in ("peak_flops", "matmul_eff_max", "matmul_flops_half"):
+            object.__setattr__(self, name, _frozen_map(name, getattr(self, name)))
+        for name in ("peak_flops", "matmul_eff_max", "matmul_flops_half"):
+            table = getattr(self, name)
+            missing = [d for d in DTYPES if d not in table]
+            if missing:
+                raise ValueError(f"{owner}.{name} lacks dtype(s) {missing}; needs all of {DTYPES}")
+            extra = [d for d in table if d not in DTYPES]
+            if extra:
+                raise ValueError(f"{owner}.{name} has unknown dtype(s) {extra}; allowed {DTYPES}")
+            for d, v in table.items():
+                _check_positive(owner, f"{name}[{d!r}]", v, allow_zero=(name == "matmul_flops_half"))
+        for d, v in self.matmul_eff_max.items():
+            if v > 1.0:
+                raise ValueError(f"{owner}.matmul_eff_max[{d!r}] must be <= 1 (a fraction of peak), got {v}")
+        for name in ("memory_bytes", "memory_bandwidth"):
+            _check_positive(owner, name, getattr(self, name))
+        _check_positive(owner, "host_memory_bytes", self.host_memory_bytes, allow_zero=True)
+        _check_positive(owner, "op_overhead_s", self.op_overhead_s, allow_zero=True)
+        _check_positive(owner, "memory_bw_efficiency", self.memory_bw_efficiency)
+        if self.memory_bw_efficiency > 1.0:
+            raise ValueError(f"{owner}.memory_bw_efficiency must be <= 1, got {self.memory_bw_efficiency}")
+        if self.host_link == "none":
+            if self.host_link_bandwidth != 0:
+                raise ValueError(f"{owner}.host_link_bandwidth must be 0 when host_link is 'none', "
+                                 f"got {self.host_link_bandwidth}")
+        else:
+            _check_positive(owner, "host_link_bandwidth", self.host_link_bandwidth)
+        if not isinstance(self.cores, int) or self.cores < 0:
+            raise ValueError(f"{owner}.cores must be an int >= 0, got {self.cores!r}")
+        if not isinstance(self.provenance, Provenance):
+            raise TypeError(f"{owner}.provenance must be a Provenance, got {type(self.provenance).__name__}")
+
+    def __hash__(self) -> int:  # the mapping fields are read-only proxies; hash their items
+        return hash((self.name, self.kind, self.arch, tuple(sorted(self.peak_flops.items())),
+                     self.memory_bytes, self.memory_bandwidth, self.provenance))
+
+    def matmul_flops(self, dtype: Any, flops: float) -> float:
+        """Achieved FLOP/s of one matmul of ``flops`` FLOPs (the efficiency curve)."""
+        d = normalize_dtype(dtype)
+        best = self.peak_flops[d] * self.matmul_eff_max[d]
+        return best * flops / (flops + self.matmul_flops_half[d]) if flops > 0 else 0.0
+
+    def replace(self, **changes: Any) -> "DeviceSpec":
+        """A copy with some fields changed (validated again)."""
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        d.update(changes)
+        return DeviceSpec(**d)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name, "kind": self.kind, "arch": self.arch,
+            "peak_flops": dict(self.peak_flops),
+            "memory_bytes": int(self.memory_bytes), "memory_bandwidth": self.memory_bandwidth,
+            "host_link": self.host_link, "host_link_bandwidth": self.host_link_bandwidth,
+            "host_memory_bytes": int(self.host_memory_bytes),
+            "matmul_eff_max": dict(self.matmul_eff_max),
+            "matmul_flops_half": dict(self.matmul_flops_half),
+            "memory_bw_efficiency": self.memory_bw_efficiency,
+            "op_overhead_s": self.op_overhead_s, "cores": self.cores,
+            "provenance": self.provenance.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "DeviceSpec":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"DeviceSpec JSON has unknown field(s) {sorted(unknown)}")
+        missing = [f for f in known if f not in d and f != "cores"]
+        if missing:
+            raise ValueError(f"DeviceSpec JSON for {d.get('name', '?')!r} lacks field(s) {sorted(missing)}")
+        args = dict(d)
+        args["provenance"] = Provenance.from_json(d["provenance"])
+        args["memory_bytes"] = int(d["memory_bytes"])
+        args["host_memory_bytes"] = int(d["host_memory_bytes"])
+        return cls(**args)
