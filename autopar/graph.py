@@ -222,7 +222,7 @@ for _kind, _names in {
     "erf mish leaky_relu hardtanh add_ mul_ iadd imul isub __add__ __mul__ __sub__ __truediv__ "
     "__radd__ __rmul__ __rsub__ __rtruediv__ float type_as to _to_copy alias lift_fresh_copy "
     "ones_like zeros_like full_like triu tril scalar_tensor gt lt ge le eq ne logical_not "
-    "bitwise_not rsub reciprocal square minimum maximum",
+    "bitwise_not rsub reciprocal square minimum maximum and or bitwise_and bitwise_or diff",
     OpKind.REDUCTION: "sum mean amax amin max min var std norm logsumexp argmax cumsum topk",
     OpKind.VIEW: "view reshape _unsafe_view transpose permute t contiguous expand expand_as "
     "unsqueeze squeeze flatten unflatten split chunk getitem size narrow slice select cat "
@@ -389,13 +389,19 @@ def _trace(model: nn.Module, example_inputs: tuple, ir: str) -> tuple[fx.GraphMo
             errors.append(("torch.fx.symbolic_trace", e))
             if ir == "fx":
                 raise _capture_error(model, errors) from e
+    import logging
+
+    torch_log = logging.getLogger("torch")
+    old_level = torch_log.level
+    torch_log.setLevel(logging.ERROR)  # export logs whole graphs on failure; we explain instead
     try:
-        kwargs = {}
-        ep = torch.export.export(model, tuple(example_inputs), kwargs, strict=False)
+        ep = torch.export.export(model, tuple(example_inputs), {}, strict=False)
         return ep.module(), "export"
     except Exception as e:  # noqa: BLE001
         errors.append(("torch.export.export(strict=False)", e))
         raise _capture_error(model, errors) from e
+    finally:
+        torch_log.setLevel(old_level)
 
 
 def _capture_error(model: nn.Module, errors: list[tuple[str, BaseException]]) -> CaptureError:

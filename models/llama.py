@@ -169,8 +169,8 @@ class Llama(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(self, idx):                                         # idx: [B, T] int64
-        T = idx.size(1)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]             # [T, hd/2]
+        T = idx.size(1)  # narrow, not [:T]: fx cannot put a traced size in a Python slice
+        cos, sin = self.rope_cos.narrow(0, 0, T), self.rope_sin.narrow(0, 0, T)  # [T, hd/2]
         x = self.tok_embeddings(idx)                                # [B, T, d]
         for layer in self.layers:
             x = layer(x, cos, sin)

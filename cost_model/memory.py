@@ -1,0 +1,85 @@
+"""Bytes of training state per parameter, and how ZeRO divides them.
+
+Per parameter (Rajbhandari et al. 2020, "ZeRO", sec. 3.1: mixed-precision Adam keeps
+fp16/bf16 params (2) and grads (2) plus fp32 master weights, momentum and variance
+(K = 12) = 16 bytes/param):
+
+    precision    params  grads  adam states            sgd states
+    fp32           4       4    8  (m, v)              4  (momentum)
+    bf16-mixed     2       2    12 (master, m, v)      8  (master, momentum)
+    fp16-mixed     2       2    12 (master, m, v)      8  (master, momentum)
+
+so Adam costs 16 bytes/param under every precision. (PyTorch autocast keeps fp32 params
+and grads instead, 4 + 4 + 8: also 16 for Adam.) ``sgd`` means SGD with momentum; plain
+SGD without momentum would hold no state.
+
+ZeRO over a data-parallel group of ``dp`` ranks: stage 1 shards optimizer states, stage 2
+also gradients, stage 3 also parameters. A sharded tensor costs ceil(numel / dp) elements
+per rank (the padding FSDP/ZeRO use to split evenly).
+"""
+from __future__ import annotations
+
+import math
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "fp16-mixed")
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+
+_PARAM = {"fp32": 4, "bf16-mixed": 2, "fp16-mixed": 2}
+_GRAD = {"fp32": 4, "bf16-mixed": 2, "fp16-mixed": 2}
+#: Optimizer bytes/param: its own states, plus fp32 master weights under mixed precision.
+_OPT = {("adam", "fp32"): 8, ("adam", "bf16-mixed"): 12, ("adam", "fp16-mixed"): 12,
+        ("sgd", "fp32"): 4, ("sgd", "bf16-mixed"): 8, ("sgd", "fp16-mixed"): 8}
+
+
+def _check(precision: str, optimizer: str | None = None) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: expected one of {PRECISIONS}")
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}: expected one of {OPTIMIZERS}")
+
+
+def activation_bytes_per_element(precision: str) -> int:
+    """Bytes of one saved activation element (compute dtype)."""
+    _check(precision)
+    return 4 if precision == "fp32" else 2
+
+
+def param_bytes(numel: int, precision: str) -> int:
+    _check(precision)
+    return numel * _PARAM[precision]
+
+
+def grad_bytes(numel: int, precision: str) -> int:
+    _check(precision)
+    return numel * _GRAD[precision]
+
+
+def optimizer_state_bytes(numel: int, optimizer: str, precision: str) -> int:
+    """Optimizer states, including fp32 master weights under mixed precision."""
+    _check(precision, optimizer)
+    return numel * _OPT[(optimizer, precision)]
+
+
+def training_state_bytes(numel: int, optimizer: str, precision: str, zero_stage: int = 0,
+                         dp: int = 1) -> int:
+    """Per-rank bytes of params + grads + optimizer state for ``numel`` parameters
+    replicated over ``dp`` data-parallel ranks with ZeRO stage ``zero_stage`` (0-3)."""
+    _check(precision, optimizer)
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+    if not isinstance(dp, int) or dp < 1:
+        raise ValueError(f"dp must be an int >= 1, got {dp!r}")
+    shard = math.ceil(numel / dp)
+    p = param_bytes(shard if zero_stage >= 3 else numel, precision)
+    g = grad_bytes(shard if zero_stage >= 2 else numel, precision)
+    o = optimizer_state_bytes(shard if zero_stage >= 1 else numel, optimizer, precision)
+    return p + g + o
+
+
+def training_state_breakdown(numel: int, optimizer: str, precision: str, zero_stage: int = 0,
+                             dp: int = 1) -> dict[str, int]:
+    """Same as :func:`training_state_bytes`, split into params / grads / optimizer."""
+    shard = math.ceil(numel / dp)
+    return {"params": param_bytes(shard if zero_stage >= 3 else numel, precision),
+            "grads": grad_bytes(shard if zero_stage >= 2 else numel, precision),
+            "optimizer": optimizer_state_bytes(shard if zero_stage >= 1 else numel, optimizer, precision)}

@@ -1,0 +1,86 @@
+"""Pipeline-parallel schedules: bubble, step time and activation memory in flight.
+
+Notation (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU
+Clusters Using Megatron-LM", sec. 2.2): p stages, m microbatches per step, v model chunks
+per device (interleaved schedule).
+
+Bubble fraction = bubble time / ideal compute time:
+
+    gpipe, 1f1b          (p - 1) / m
+    interleaved_1f1b     (p - 1) / (v m)
+
+(GPipe: Huang et al. 2019; 1F1B = PipeDream-Flush, Narayanan et al. 2021.) 1F1B has the
+same bubble as GPipe but keeps at most p - i microbatches of activations on stage i instead
+of all m.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+def _check(schedule: str, num_stages: int, num_microbatches: int, virtual_stages: int = 1) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}: expected one of {SCHEDULES}")
+    if num_stages < 1 or num_microbatches < 1 or virtual_stages < 1:
+        raise ValueError(f"pipeline {schedule}: stages ({num_stages}), microbatches ({num_microbatches}) "
+                         f"and virtual_stages ({virtual_stages}) must all be >= 1")
+    if schedule != "interleaved_1f1b" and virtual_stages != 1:
+        raise ValueError(f"pipeline {schedule}: virtual_stages={virtual_stages} needs 'interleaved_1f1b'")
+    if schedule == "interleaved_1f1b" and num_stages > 1 and num_microbatches % num_stages:
+        raise ValueError(f"interleaved_1f1b needs num_microbatches ({num_microbatches}) to be a multiple "
+                         f"of num_stages ({num_stages}) (Megatron-LM's requirement)")
+
+
+def bubble_fraction(schedule: str, num_stages: int, num_microbatches: int, virtual_stages: int = 1) -> float:
+    """Bubble time over ideal time: (p-1)/m, or (p-1)/(v m) interleaved."""
+    _check(schedule, num_stages, num_microbatches, virtual_stages)
+    return (num_stages - 1) / (virtual_stages * num_microbatches)
+
+
+def pipeline_time(stage_fwd_bwd_times: Sequence[Union[float, Sequence[float]]], num_microbatches: int,
+                  schedule: str = "1f1b", virtual_stages: int = 1, p2p_time: float = 0.0) -> float:
+    """Seconds for one step of ``num_microbatches`` through the pipeline.
+
+    ``stage_fwd_bwd_times[i]`` is stage i's forward+backward time for one microbatch (a float,
+    or a (fwd, bwd) pair that is summed), all v chunks of the device together. With
+    t_max the slowest stage:
+
+        T = m * t_max + (sum_i t_i - t_max) / v + 2 (v p - 1) * p2p_time
+
+    For equal stages this is (m + (p-1)/v) * t, i.e. ideal time times (1 + bubble
+    fraction). The slowest stage sets the steady state; the fill and drain cross every
+    other stage once (1/v of it per chunk when interleaved). Point-to-point transfers are
+    assumed overlapped in steady state and exposed on the fill/drain path, forward and
+    backward, across v p - 1 chunk boundaries.
+    """
+    times = [float(sum(t)) if isinstance(t, (tuple, list)) else float(t) for t in stage_fwd_bwd_times]
+    p, m, v = len(times), num_microbatches, virtual_stages
+    _check(schedule, p, m, v)
+    if any(t < 0 for t in times) or p2p_time < 0:
+        raise ValueError(f"pipeline_time: stage times {times} and p2p_time {p2p_time} must be >= 0")
+    t_max = max(times)
+    comm = 2 * (v * p - 1) * p2p_time if p > 1 else 0.0
+    return m * t_max + (sum(times) - t_max) / v + comm
+
+
+def inflight_microbatches(schedule: str, stage_index: int, num_stages: int, num_microbatches: int,
+                          virtual_stages: int = 1) -> float:
+    """Microbatches of activations stage ``stage_index`` holds at its peak.
+
+    gpipe: all m (every forward runs before any backward). 1f1b: min(p - i, m).
+    interleaved_1f1b: Megatron-LM warms up ``(p - i - 1) * 2 + (v - 1) * p`` chunk-microbatches
+    and holds one more, each 1/v of the stage's activations, so the result is
+    ``min(that + 1, v m) / v`` stage-microbatches (a float).
+    """
+    _check(schedule, num_stages, num_microbatches, virtual_stages)
+    if not 0 <= stage_index < num_stages:
+        raise ValueError(f"stage_index {stage_index} out of range for {num_stages} stages")
+    p, i, m, v = num_stages, stage_index, num_microbatches, virtual_stages
+    if schedule == "gpipe":
+        return m
+    if schedule == "1f1b":
+        return min(p - i, m)
+    warmup = (p - i - 1) * 2 + (v - 1) * p
+    return min(warmup + 1, v * m) / v

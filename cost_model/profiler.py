@@ -1,0 +1,411 @@
+"""``autopar profile``: measure this machine and write the cluster ``local:N`` stands for.
+
+What is measured (all with torch, no ISA-specific code, so it runs on x86 and ARM alike):
+
+1. In this process, with every core: matmul time over square sizes for fp32, bf16 and fp16;
+   the fit ``t(F) = t0 + F / rate`` per dtype gives the DeviceSpec efficiency curve
+   (``peak_flops = rate`` as the best sustained matmul rate, ``eff_max = 1``,
+   ``flops_half = t0 * rate``); streaming bandwidth (``out = x + y``); the dispatch cost of a
+   one-element op (``op_overhead_s``). With CUDA, the same on the GPU plus pinned
+   host<->device copies (host link bandwidth).
+2. ``nproc`` processes spawned with ``torch.multiprocessing`` and joined with gloo over
+   127.0.0.1 (NCCL for CUDA tensors when every process has its own GPU). For each
+   n = 2..nproc, the first n ranks, each with ``max(1, cores // n)`` threads, run the
+   matmul sweep **at the same time**: on a 2-core host 4 processes each get about a quarter
+   of the machine, and that per-process rate is what predicts a 4-process run. Then
+   all_reduce, all_gather, reduce_scatter, all_to_all, broadcast (and send/recv between
+   ranks 0 and 1) over a range of sizes; alpha (latency) and beta (bandwidth) are fitted
+   jointly over all collectives with the ring formulas of :mod:`collectives`.
+
+Limitation: timings are rank 0's, the median of a few repetitions; a host shared with other
+work gives noisy figures (run it on a quiet machine).
+
+The result is a Cluster JSON (``local:nproc``) with an extra ``"profile"`` section holding
+one DeviceSpec and one LinkSpec per process count plus the raw samples;
+:func:`autopar.cost_model.cluster.cluster_from_profile` reads it for any ``local:N``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+from .cluster import Cluster, LinkSpec, cluster_from_profile, default_profile_path, host_memory_bytes
+from .collectives import alpha_beta_factors
+from .device import DTYPES, DeviceSpec, Provenance
+
+DEFAULT_MATMUL_SIZES: tuple[int, ...] = (128, 256, 512, 1024)
+DEFAULT_COLLECTIVE_BYTES: tuple[int, ...] = (1 << 12, 1 << 16, 1 << 20, 1 << 22)
+DEFAULT_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
+COLLECTIVE_KINDS: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all",
+                                     "broadcast", "send_recv")
+PROFILE_VERSION = 1
+
+Progress = Optional[Callable[[str], None]]
+
+
+# --------------------------------------------------------------------------- timing helpers
+
+def _torch_dtype(name: str):
+    import torch
+    return {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _median_time(fn: Callable[[], None], reps: int, sync: Callable[[], None] = lambda: None) -> float:
+    """Median seconds of ``reps`` calls after one warm-up call."""
+    fn()
+    sync()
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def _reps_for(seconds_estimate: float, budget: float = 0.15, lo: int = 3, hi: int = 20) -> int:
+    return max(lo, min(hi, int(budget / max(seconds_estimate, 1e-6))))
+
+
+def matmul_samples(sizes: Sequence[int], dtypes: Sequence[str], device: str = "cpu",
+                   fixed_reps: Optional[int] = None) -> dict[str, list[tuple[float, float]]]:
+    """``{dtype: [(flops, seconds), ...]}`` for square matmuls of each size."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    out: dict[str, list[tuple[float, float]]] = {}
+    for d in dtypes:
+        prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+        if device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = (d == "tf32")
+        try:
+            rows = []
+            for n in sizes:
+                a = torch.randn(n, n, device=device).to(_torch_dtype(d))
+                b = torch.randn(n, n, device=device).to(_torch_dtype(d))
+                if fixed_reps is None:
+                    probe = _median_time(lambda: torch.mm(a, b), 1, sync)
+                    reps = _reps_for(probe)
+                else:
+                    reps = fixed_reps
+                rows.append((2.0 * n ** 3, _median_time(lambda: torch.mm(a, b), reps, sync)))
+            out[d] = rows
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+    return out
+
+
+def stream_bandwidth(numel: int = 1 << 22, device: str = "cpu", reps: int = 5) -> float:
+    """Bytes/s of ``out = x + y`` in fp32 (2 reads + 1 write per element)."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    x = torch.rand(numel, device=device)
+    y = torch.rand(numel, device=device)
+    z = torch.empty_like(x)
+    t = _median_time(lambda: torch.add(x, y, out=z), reps, sync)
+    return 3 * 4 * numel / t
+
+
+def op_overhead(device: str = "cpu", reps: int = 200) -> float:
+    """Seconds of a one-element add: framework dispatch (+ kernel launch on a GPU)."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    x = torch.ones(1, device=device)
+    y = torch.empty_like(x)
+
+    def run() -> None:
+        for _ in range(reps):
+            torch.add(x, 1.0, out=y)
+    return _median_time(run, 3, sync) / reps
+
+
+def host_copy_bandwidth(numel: int = 1 << 24) -> float:
+    """Bytes/s of pinned host->device and device->host copies (the slower of the two)."""
+    import torch
+
+    host = torch.empty(numel, pin_memory=True)
+    dev = torch.empty(numel, device="cuda")
+    h2d = _median_time(lambda: dev.copy_(host, non_blocking=True), 5, torch.cuda.synchronize)
+    d2h = _median_time(lambda: host.copy_(dev, non_blocking=True), 5, torch.cuda.synchronize)
+    return 4 * numel / max(h2d, d2h)
+
+
+# --------------------------------------------------------------------------- fits
+
+def fit_overhead_rate(samples: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Fit ``t = t0 + work / rate`` minimising relative error; returns ``(t0, rate)``.
+
+    Falls back to a line through the origin (t0 = 0) when the intercept comes out negative
+    (noise), and raises if the data cannot give a positive rate."""
+    pts = [(x, t) for x, t in samples if x > 0 and t > 0]
+    if not pts:
+        raise ValueError(f"cannot fit a rate from samples {list(samples)}")
+    # weighted least squares of (t0 + c x - t)/t: normal equations in (t0, c)
+    s11 = sum(1 / t ** 2 for x, t in pts)
+    s12 = sum(x / t ** 2 for x, t in pts)
+    s22 = sum(x * x / t ** 2 for x, t in pts)
+    b1 = sum(1 / t for x, t in pts)
+    b2 = sum(x / t for x, t in pts)
+    det = s11 * s22 - s12 * s12
+    t0, c = ((s22 * b1 - s12 * b2) / det, (s11 * b2 - s12 * b1) / det) if len(pts) > 1 and det > 0 else (-1.0, 0.0)
+    if t0 < 0 or c <= 0:
+        t0, c = 0.0, b2 / s22
+    if c <= 0:
+        raise ValueError(f"fitted a non-positive rate from samples {pts}")
+    return t0, 1.0 / c
+
+
+def fit_link(samples: dict[str, list[tuple[float, float]]], n: int) -> tuple[float, float]:
+    """Joint fit of (latency, bandwidth) for ``n`` ranks over all collectives' samples
+    ``{kind: [(nbytes, seconds)]}``, with ``t = steps*alpha + factor*nbytes/bw``."""
+    rows = []
+    for kind, pts in samples.items():
+        steps, factor = alpha_beta_factors(kind, n if kind != "send_recv" else 2)
+        rows += [(steps, factor * b, t) for b, t in pts if t > 0]
+    if not rows:
+        raise ValueError(f"no collective samples to fit for n={n}")
+    # weighted least squares in (alpha, 1/bw), relative error
+    s11 = sum((a / t) ** 2 for a, x, t in rows)
+    s12 = sum(a * x / t ** 2 for a, x, t in rows)
+    s22 = sum((x / t) ** 2 for a, x, t in rows)
+    b1 = sum(a / t for a, x, t in rows)
+    b2 = sum(x / t for a, x, t in rows)
+    det = s11 * s22 - s12 * s12
+    alpha, inv_bw = ((s22 * b1 - s12 * b2) / det, (s11 * b2 - s12 * b1) / det) if det > 0 else (-1.0, 0.0)
+    if alpha < 0 or inv_bw <= 0:  # noise: keep the bandwidth term, bound alpha below by 0
+        alpha = max(alpha, 0.0)
+        inv_bw = max((b2 - alpha * s12) / s22, 1e-15)
+    return alpha, 1.0 / inv_bw
+
+
+# --------------------------------------------------------------------------- worker
+
+def _collective_samples(rank: int, n: int, group, sizes: Sequence[int], device: str) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    out: dict[str, list] = {}
+    for kind in COLLECTIVE_KINDS:
+        if kind == "send_recv" and n != 2:
+            continue
+        rows = []
+        for nbytes in sizes:
+            numel = max(n, nbytes // 4 // n * n)  # divisible by n
+            full = torch.ones(numel, device=device)
+            part = torch.ones(numel // n, device=device)
+            if kind == "all_reduce":
+                fn = lambda: dist.all_reduce(full, group=group)
+            elif kind == "all_gather":  # all_gather_single replaces all_gather_into_tensor in torch>=2.13
+                ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+                fn = lambda: ag(full, part, group=group)
+            elif kind == "reduce_scatter":
+                rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+                fn = lambda: rs(part, full, group=group)
+            elif kind == "all_to_all":
+                a2a_out = torch.empty_like(part)
+                fn = lambda: dist.all_to_all_single(a2a_out, part, group=group)
+            elif kind == "broadcast":
+                fn = lambda: dist.broadcast(full, src=0, group=group)
+            else:  # send_recv: ping-pong between ranks 0 and 1, one way = half the round trip
+                def fn() -> None:
+                    if rank == 0:
+                        dist.send(full, dst=1, group=group)
+                        dist.recv(full, src=1, group=group)
+                    else:
+                        dist.recv(full, src=0, group=group)
+                        dist.send(full, dst=0, group=group)
+            reps = 3 if nbytes >= (1 << 20) else 10
+            try:
+                dist.barrier(group=group)
+                t = _median_time(fn, reps, sync)
+            except (RuntimeError, NotImplementedError) as e:  # backend lacks this collective
+                out[kind] = {"unsupported": str(e).splitlines()[0][:200]}
+                break
+            rows.append((numel * 4, t / 2 if kind == "send_recv" else t))
+        else:
+            out[kind] = rows
+    return out
+
+
+def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    if os.path.exists("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    use_cuda = cfg["cuda"]
+    if use_cuda:
+        torch.cuda.set_device(rank)
+    backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world,
+                            timeout=_dt.timedelta(seconds=cfg["timeout_s"]))
+    device = f"cuda:{rank}" if use_cuda else "cpu"
+    cores = os.cpu_count() or 1
+    result: dict = {"matmul": {}, "stream": {}, "collectives": {}, "threads": {}}
+    try:
+        for n in range(2, world + 1):
+            group = dist.new_group(list(range(n)))
+            threads = max(1, cores // n)
+            torch.set_num_threads(threads)
+            if rank < n:
+                if not use_cuda:  # concurrent compute only matters when processes share cores
+                    dist.barrier(group=group)
+                    result["matmul"][n] = matmul_samples(cfg["sizes"], cfg["dtypes"], "cpu", fixed_reps=3)
+                    dist.barrier(group=group)
+                    result["stream"][n] = stream_bandwidth(cfg["stream_numel"], "cpu", reps=5)
+                result["collectives"][n] = _collective_samples(rank, n, group, cfg["coll_bytes"], device)
+                result["threads"][n] = threads
+            dist.barrier()
+        if rank == 0:
+            Path(result_path).write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- specs
+
+def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_bytes: int,
+                         bandwidth: float, overhead: float, host_link: str, host_bw: float,
+                         host_mem: int, cores: int, prov: Provenance) -> DeviceSpec:
+    peak, half, eff = {}, {}, {}
+    for d, rows in samples.items():
+        t0, rate = fit_overhead_rate(rows)
+        peak[d], half[d], eff[d] = rate, t0 * rate, 1.0
+    # tf32 is fp32 on CPUs; dtypes not measured fall back to fp32 (stated in provenance notes)
+    for d in DTYPES:
+        if d not in peak:
+            src = "fp32" if "fp32" in peak else next(iter(peak))
+            peak[d], half[d], eff[d] = peak[src], half[src], eff[src]
+    return DeviceSpec(name=name, kind=kind, arch=arch, peak_flops=peak, memory_bytes=memory_bytes,
+                      memory_bandwidth=bandwidth, host_link=host_link, host_link_bandwidth=host_bw,
+                      host_memory_bytes=host_mem, matmul_eff_max=eff, matmul_flops_half=half,
+                      memory_bw_efficiency=1.0, op_overhead_s=overhead, cores=cores, provenance=prov)
+
+
+def _arch() -> str:
+    import platform
+    m = platform.machine().lower()
+    return {"arm64": "aarch64", "amd64": "x86_64"}.get(m, m or "unknown")
+
+
+def profile(nproc: int = 2, out: Union[str, os.PathLike, None] = None, progress: Progress = None, *,
+            matmul_sizes: Sequence[int] = DEFAULT_MATMUL_SIZES,
+            collective_bytes: Sequence[int] = DEFAULT_COLLECTIVE_BYTES,
+            dtypes: Sequence[str] = DEFAULT_DTYPES, stream_numel: int = 1 << 22,
+            timeout_s: float = 300.0) -> Cluster:
+    """Measure this machine and return (and write to ``out``, default
+    :func:`default_profile_path`) the ``local:nproc`` cluster. ``progress`` gets one-line
+    strings as phases finish."""
+    import torch
+
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"profile: nproc must be an int >= 1, got {nproc!r}")
+    say = progress or (lambda s: None)
+    host = socket.gethostname()
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    cores = os.cpu_count() or 1
+    mem = host_memory_bytes() or (16 << 30)
+    arch = _arch()
+    cuda = torch.cuda.is_available()
+    prov = lambda notes: Provenance(source=f"measured on {host} at {date}", date=date, host=host, notes=notes)
+    started = time.perf_counter()
+
+    torch.set_num_threads(cores)
+    say(f"profiling {host} ({arch}, {cores} cores, torch {torch.__version__}, cuda={cuda})")
+    raw: dict = {"matmul": {}, "stream": {}, "collectives": {}, "threads": {"1": cores}}
+    cpu_mm = matmul_samples(matmul_sizes, dtypes, "cpu")
+    raw["matmul"]["1"] = cpu_mm
+    say("matmul: " + ", ".join(f"{d} {max(f / t for f, t in rows) / 1e9:.1f} GFLOP/s" for d, rows in cpu_mm.items()))
+    cpu_bw = stream_bandwidth(stream_numel, "cpu")
+    cpu_ovh = op_overhead("cpu")
+    raw["stream"]["1"] = cpu_bw
+    say(f"stream bandwidth {cpu_bw / 1e9:.2f} GB/s, op overhead {cpu_ovh * 1e6:.1f} us")
+    notes = (f"per-process share with {{n}} concurrent processes x {{threads}} threads; tf32 = fp32"
+             + ("" if set(dtypes) >= {"fp32", "bf16", "fp16"} else "; unmeasured dtypes copy fp32"))
+
+    devices: dict[int, DeviceSpec] = {}
+    if cuda:
+        gpu_mm = matmul_samples(tuple(s * 2 for s in matmul_sizes) + (4096,), ("fp32", "tf32", "bf16", "fp16"), "cuda")
+        gpu_bw = stream_bandwidth(1 << 26, "cuda")
+        host_bw = host_copy_bandwidth()
+        props = torch.cuda.get_device_properties(0)
+        link_name = "nvlink-c2c" if arch == "aarch64" else ("pcie5" if host_bw > 32e9 else "pcie4")
+        raw["gpu"] = {"matmul": gpu_mm, "stream": gpu_bw, "host_copy": host_bw, "name": props.name}
+        gpu = _device_from_samples(
+            f"local-gpu:{props.name}", "gpu", f"sm{props.major}{props.minor}", gpu_mm, props.total_memory,
+            gpu_bw, op_overhead("cuda"), link_name, host_bw, mem // max(1, torch.cuda.device_count()),
+            props.multi_processor_count,
+            prov(f"{props.name}; host link kind guessed from measured copy bandwidth"))
+        say(f"gpu {props.name}: bf16 {gpu.peak_flops['bf16'] / 1e12:.1f} TFLOP/s, host link {host_bw / 1e9:.1f} GB/s")
+        devices = {n: gpu for n in range(1, nproc + 1)}
+    else:
+        devices[1] = _device_from_samples(
+            "local-cpu/1", "cpu", arch, cpu_mm, mem, cpu_bw, cpu_ovh, "none", 0.0, 0, cores,
+            prov(notes.format(n=1, threads=cores)))
+
+    links: dict[int, LinkSpec] = {}
+    if nproc >= 2:
+        use_cuda = cuda and torch.cuda.device_count() >= nproc
+        cfg = {"sizes": list(matmul_sizes), "dtypes": list(dtypes), "coll_bytes": list(collective_bytes),
+               "stream_numel": stream_numel, "cuda": use_cuda, "timeout_s": timeout_s}
+        say(f"spawning {nproc} processes (gloo{'+nccl' if use_cuda else ''} on 127.0.0.1)")
+        import torch.multiprocessing as mp
+        with tempfile.TemporaryDirectory() as tmp:
+            result_path = os.path.join(tmp, "result.json")
+            mp.spawn(_worker, args=(nproc, _free_port(), cfg, result_path), nprocs=nproc, join=True)
+            result = json.loads(Path(result_path).read_text())
+        for n in range(2, nproc + 1):
+            key = str(n)
+            coll = result["collectives"][key]
+            raw["collectives"][key] = coll
+            raw["threads"][key] = result["threads"][key]
+            usable = {k: v for k, v in coll.items() if isinstance(v, list) and v}
+            alpha, bw = fit_link(usable, n)
+            skipped = sorted(k for k, v in coll.items() if not isinstance(v, list))
+            links[n] = LinkSpec(
+                name="local-nccl" if use_cuda else "local-gloo", bandwidth=bw, latency=alpha,
+                provenance=prov(f"{n} processes; joint alpha-beta fit over {sorted(usable)}"
+                                + (f"; unsupported: {skipped}" if skipped else "")))
+            say(f"{n} processes: link {bw / 1e9:.2f} GB/s, {alpha * 1e6:.1f} us"
+                + (f" (unsupported: {', '.join(skipped)})" if skipped else ""))
+            if not cuda:
+                mm = result["matmul"][key]
+                raw["matmul"][key] = mm
+                raw["stream"][key] = result["stream"][key]
+                devices[n] = _device_from_samples(
+                    f"local-cpu/{n}", "cpu", arch, mm, mem // n, result["stream"][key], cpu_ovh, "none",
+                    0.0, 0, result["threads"][key], prov(notes.format(n=n, threads=result["threads"][key])))
+                say(f"{n} processes: per-process " + ", ".join(
+                    f"{d} {devices[n].peak_flops[d] / 1e9:.1f} GFLOP/s" for d in mm))
+
+    data = {"profile": {"version": PROFILE_VERSION, "host": host, "date": date, "arch": arch,
+                        "cpu_count": cores, "nproc": nproc, "torch": torch.__version__,
+                        "device_by_nproc": {str(k): v.to_json() for k, v in devices.items()},
+                        "link_by_nproc": {str(k): v.to_json() for k, v in links.items()},
+                        "raw": raw, "wall_s": time.perf_counter() - started}}
+    cluster = cluster_from_profile(data, nproc)
+    doc = cluster.to_json()
+    doc["profile"] = data["profile"]
+    path = Path(out) if out is not None else default_profile_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
+    say(f"wrote {path} in {time.perf_counter() - started:.1f} s")
+    return cluster
