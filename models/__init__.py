@@ -7,6 +7,8 @@ dataclass and presets, and the same zoo glue:
     make_targets(model, example_inputs, seed=1) -> targets
     loss_fn(output, targets) -> scalar loss
     PRESETS: {size: (config factory, published parameter count or None, source)}
+    model.config (the frozen config) and model.init_weights(): re-initialise every parameter and
+    buffer in place, re-tying shared weights, e.g. after `model.to_empty(device=...)` from meta
 
 plus CLI targets that return `(model, example_inputs)`, full size on the meta device, e.g.
 `autopar plan autopar.models.gpt:gpt3_175b --cluster h100x1024` or `autopar.models.gpt:tiny`.

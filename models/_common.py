@@ -54,3 +54,15 @@ def build_on(device: str | torch.device, ctor):
 def num_params(model: torch.nn.Module) -> int:
     """Parameter count with tied (shared) parameters counted once, as papers count them."""
     return sum(p.numel() for p in model.parameters())
+
+
+def reset_submodules(model: torch.nn.Module) -> None:
+    """Call `reset_parameters()` on every submodule that has one (Linear, Embedding, LayerNorm,
+    BatchNorm incl. running stats, Conv2d, the zoo's own norms and experts), root excluded.
+
+    Models' `init_weights()` start with this so that, after `to_empty()` from the meta device,
+    no parameter or buffer keeps uninitialised memory; the model's own init then follows.
+    """
+    for module in model.modules():
+        if module is not model and hasattr(module, "reset_parameters"):
+            module.reset_parameters()

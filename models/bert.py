@@ -111,8 +111,24 @@ class Bert(nn.Module):
         self.mlm_dense = nn.Linear(cfg.d_model, cfg.d_model)
         self.mlm_ln = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.decoder = nn.Linear(cfg.d_model, cfg.vocab_size)
-        self.decoder.weight = self.word_emb.weight                  # tied [V, d]
+        self.tie_weights()                                          # tied [V, d]
+        self._init_params()
+
+    def _init_params(self) -> None:
         self.apply(self._init_weights)
+
+    def tie_weights(self) -> None:
+        """Make self.decoder.weight the same Parameter as self.word_emb.weight.
+
+        `to_empty()` gives each a fresh tensor, breaking the tie; init_weights() re-ties first.
+        """
+        self.decoder.weight = self.word_emb.weight
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter in place, e.g. after `to_empty()` from meta."""
+        self.tie_weights()
+        _common.reset_submodules(self)
+        self._init_params()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

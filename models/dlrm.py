@@ -111,9 +111,15 @@ class DLRM(nn.Module):
         li, lj = torch.tril_indices(f, f, offset=-1)               # strict lower triangle
         self.register_buffer("tri_i", li, persistent=False)         # [F(F-1)/2]
         self.register_buffer("tri_j", lj, persistent=False)
-        self.reset_parameters()
+        self._init_params()
 
-    def reset_parameters(self) -> None:
+    def init_weights(self) -> None:
+        """(Re)initialise parameters and interaction indices in place, e.g. after `to_empty()`."""
+        _common.reset_submodules(self)
+        self._init_params()
+        self.reset_buffers()
+
+    def _init_params(self) -> None:
         """Tables ~ U(-1/sqrt(rows), 1/sqrt(rows)) as in the DLRM reference; no-op cost on meta."""
         for table in self.tables:
             bound = table.num_embeddings ** -0.5

@@ -23,7 +23,7 @@ under export) and reshapes through `unflatten`/`flatten` with config constants, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -189,12 +189,29 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight  # one [V, d] parameter, used twice
+            self.tie_weights()  # one [V, d] parameter, used twice
+        self._init_params()
+
+    def _init_params(self) -> None:
         self.apply(self._init_weights)
         # GPT-2: residual projections get std 0.02 / sqrt(2 * n_layer) (as nanoGPT does).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+
+    def tie_weights(self) -> None:
+        """Make self.lm_head.weight the same Parameter as self.wte.weight.
+
+        `to_empty()` gives each a fresh tensor, breaking the tie; init_weights() re-ties first.
+        """
+        self.lm_head.weight = self.wte.weight
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter in place, e.g. after `to_empty()` from meta."""
+        if self.config.tie_embeddings:
+            self.tie_weights()
+        _common.reset_submodules(self)
+        self._init_params()
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02) weights, zero biases.

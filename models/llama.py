@@ -154,7 +154,16 @@ class Llama(nn.Module):
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)    # [max_seq_len, hd/2]
         self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_params()
+
+    def _init_params(self) -> None:
         self.apply(self._init_weights)
+
+    def init_weights(self) -> None:
+        """(Re)initialise parameters and RoPE tables in place, e.g. after `to_empty()` from meta."""
+        _common.reset_submodules(self)
+        self._init_params()
+        self.reset_buffers()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -20,16 +20,16 @@ class MLPConfig:
     d_in: int = 8192
     d_hidden: int = 8192
     d_out: int = 8192
-    n_layer: int = 16          # number of Linear layers; GELU between them, none after the last
+    n_layer: int = 16          # number of Linear layers; GELU after each but the last
     bias: bool = True
 
     def __post_init__(self):
-        if self.n_layer < 1:
-            raise ValueError(f"MLPConfig: n_layer={self.n_layer} must be at least 1")
+        if self.n_layer < 2:
+            raise ValueError(f"MLPConfig: n_layer={self.n_layer} must be at least 2 (input and output layers)")
 
     @classmethod
     def tiny(cls) -> "MLPConfig":
-        return cls(d_in=16, d_hidden=32, d_out=8, n_layer=3)
+        return cls(d_in=16, d_hidden=32, d_out=8, n_layer=4)
 
     @classmethod
     def mlp_1b(cls) -> "MLPConfig":
@@ -43,17 +43,35 @@ PRESETS: dict[str, tuple] = {
 }
 
 
+class LinearGELU(nn.Module):
+    def __init__(self, d_in: int, d_out: int, bias: bool):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out, bias=bias)
+
+    def forward(self, x):                                           # [B, d_in]
+        return F.gelu(self.fc(x))                                   # [B, d_out]
+
+
 class MLP(nn.Module):
+    """fc_in, then n_layer - 2 identical hidden blocks (a repeated stack the planner can split
+    into pipeline stages), then fc_out."""
+
     def __init__(self, cfg: MLPConfig):
         super().__init__()
         self.config = cfg
-        dims = [cfg.d_in] + [cfg.d_hidden] * (cfg.n_layer - 1) + [cfg.d_out]
-        self.layers = nn.ModuleList(nn.Linear(a, b, bias=cfg.bias) for a, b in zip(dims[:-1], dims[1:]))
+        self.fc_in = LinearGELU(cfg.d_in, cfg.d_hidden, cfg.bias)
+        self.blocks = nn.ModuleList(LinearGELU(cfg.d_hidden, cfg.d_hidden, cfg.bias) for _ in range(cfg.n_layer - 2))
+        self.fc_out = nn.Linear(cfg.d_hidden, cfg.d_out, bias=cfg.bias)
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter in place (PyTorch's Linear init), e.g. after `to_empty()`."""
+        _common.reset_submodules(self)
 
     def forward(self, x):                                           # x: [B, d_in]
-        for layer in self.layers[:-1]:
-            x = F.gelu(layer(x))                                    # [B, d_hidden]
-        return self.layers[-1](x)                                   # [B, d_out]
+        x = self.fc_in(x)                                           # [B, d_hidden]
+        for block in self.blocks:
+            x = block(x)                                            # [B, d_hidden]
+        return self.fc_out(x)                                       # [B, d_out]
 
 
 # --- zoo glue -----------------------------------------------------------------------------

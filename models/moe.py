@@ -47,8 +47,8 @@ class MoEConfig:
     def __post_init__(self):
         if self.d_model % self.n_head:
             raise ValueError(f"MoEConfig: d_model={self.d_model} is not divisible by n_head={self.n_head}")
-        if self.moe_every < 1:
-            raise ValueError(f"MoEConfig: moe_every={self.moe_every} must be >= 1")
+        if self.moe_every < 1 or self.n_layer % self.moe_every:
+            raise ValueError(f"MoEConfig: n_layer={self.n_layer} must be a multiple of moe_every={self.moe_every}")
 
     @property
     def capacity(self) -> int:
@@ -56,6 +56,7 @@ class MoEConfig:
         return max(1, math.ceil(self.capacity_factor * self.block_size / self.n_expert))
 
     def is_moe_layer(self, i: int) -> bool:
+        """Layer i (0-based) is an MoE layer: the last of each group of moe_every layers."""
         return i % self.moe_every == self.moe_every - 1
 
     def dense_config(self) -> GPTConfig:
@@ -66,7 +67,7 @@ class MoEConfig:
     @classmethod
     def tiny(cls) -> "MoEConfig":
         # capacity = ceil(1.25 * 16 / 4) = 5 slots per expert for 16 tokens: some tokens can drop.
-        return cls(vocab_size=128, block_size=16, n_layer=2, n_head=2, d_model=32, d_ff=64, n_expert=4)
+        return cls(vocab_size=128, block_size=16, n_layer=4, n_head=2, d_model=32, d_ff=64, n_expert=4)
 
     @classmethod
     def switch_base_128(cls) -> "MoEConfig":
@@ -139,18 +140,46 @@ class MoEBlock(nn.Module):
         return x + self.moe(self.ln_2(x))
 
 
+class SwitchGroup(nn.Module):
+    """moe_every - 1 dense blocks then one MoE block: n_layer / moe_every identical groups, so the
+    model is a stack of repeated blocks (for pipeline stages and block deduplication)."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.dense = nn.Sequential(*[Block(cfg.dense_config()) for _ in range(cfg.moe_every - 1)])
+        self.moe = MoEBlock(cfg)
+
+    def forward(self, x):                                           # [B, T, d]
+        return self.moe(self.dense(x))
+
+
 class MoETransformer(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.config = cfg
-        dense = cfg.dense_config()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
-        self.h = nn.ModuleList(MoEBlock(cfg) if cfg.is_moe_layer(i) else Block(dense) for i in range(cfg.n_layer))
+        self.h = nn.ModuleList(SwitchGroup(cfg) for _ in range(cfg.n_layer // cfg.moe_every))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight                       # tied, as in GPT-2
+        self.tie_weights()                                          # tied, as in GPT-2
+        self._init_params()
+
+    def _init_params(self) -> None:
         self.apply(self._init_weights)
+
+    def tie_weights(self) -> None:
+        """Make self.lm_head.weight the same Parameter as self.wte.weight.
+
+        `to_empty()` gives each a fresh tensor, breaking the tie; init_weights() re-ties first.
+        """
+        self.lm_head.weight = self.wte.weight
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter in place, e.g. after `to_empty()` from meta."""
+        self.tie_weights()
+        _common.reset_submodules(self)
+        self._init_params()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -115,9 +115,14 @@ class ResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(c_in, cfg.num_classes)
-        self.reset_parameters()
+        self._init_params()
 
-    def reset_parameters(self) -> None:
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter in place, e.g. after `to_empty()` from meta."""
+        _common.reset_submodules(self)
+        self._init_params()
+
+    def _init_params(self) -> None:
         """Kaiming-normal convs (fan_out, as torchvision), unit BatchNorm; no-op cost on meta."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -108,9 +108,14 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.num_classes)
-        self.reset_parameters()
+        self._init_params()
 
-    def reset_parameters(self) -> None:
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter in place, e.g. after `to_empty()` from meta."""
+        _common.reset_submodules(self)
+        self._init_params()
+
+    def _init_params(self) -> None:
         """timm-style init: N(0, 0.02) position embedding and cls token, Linear weights, zero biases."""
         nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=0.02)

@@ -3,7 +3,7 @@
 Every model at tiny size: forward shape, one deterministic SGD step that lowers the loss, a
 gradient for every parameter, and capture by torch.fx.symbolic_trace and
 torch.export.export(strict=False) with outputs equal to eager. Every full-size preset: built on
-the meta device in seconds, with the published parameter count. GPT and LLaMA are checked
+the meta device in seconds, with the published parameter count. GPT, LLaMA and BERT are checked
 numerically against the Hugging Face implementations (weights copied across), MoE routing
 against a per-token loop, DLRM pooling against nn.EmbeddingBag.
 """
@@ -108,6 +108,24 @@ def test_resnet_train_mode_export_keeps_batchnorm_semantics():
     torch.testing.assert_close(after, dict(model.named_buffers())["stem.1.running_mean"])
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_init_weights_after_to_empty_from_meta(name):
+    """Build on meta, materialise with to_empty (uninitialised memory), init_weights: the same
+    parameters and buffers as a CPU-built model re-initialised under the same seed."""
+    on_cpu, _ = _build_tiny(name)
+    on_meta, _ = ZOO[name].build("tiny", batch_size=BATCH, device="meta")
+    on_meta = on_meta.to_empty(device="cpu")
+    for model in (on_cpu, on_meta):
+        torch.manual_seed(123)
+        model.init_weights()
+    cpu_state = dict(on_cpu.named_parameters()) | dict(on_cpu.named_buffers())
+    meta_state = dict(on_meta.named_parameters()) | dict(on_meta.named_buffers())
+    assert cpu_state.keys() == meta_state.keys()
+    assert num_params(on_meta) == num_params(on_cpu), f"{name}: a weight tie was lost"
+    for key, value in cpu_state.items():
+        torch.testing.assert_close(meta_state[key], value, rtol=0, atol=0, msg=f"{name}: {key} differs")
+
+
 # --- full-size presets on meta -------------------------------------------------------------
 # The papers round their counts (GPT-3 Table 2.1 to two significant digits: 2.7B is 2.65B
 # here; BERT's 340M includes the pooler/NSP head left out here), so those get 2%.
@@ -131,7 +149,8 @@ def test_full_size_preset_on_meta_has_published_param_count(name, size):
 
 
 def test_exact_counts_match_reference_implementations():
-    """Counts equal to the parameter: the torchvision/timm/HF checkpoints named in PRESETS."""
+    """Exact counts of the reference implementations named in PRESETS (HF transformers
+    GPT2LMHeadModel / LlamaForCausalLM / BertForMaskedLM, timm ViT, torchvision ResNet)."""
     exact = {
         ("gpt", "gpt2_small"): 124_439_808, ("gpt", "gpt2_xl"): 1_557_611_200,
         ("llama", "llama3_8b"): 8_030_261_248, ("bert", "bert_base"): 109_514_298,
@@ -185,7 +204,7 @@ def test_config_validation_names_the_culprit():
 def test_moe_switch_ffn_matches_per_token_loop():
     """Top-1 routing with capacity: token s goes to expert argmax if fewer than C earlier tokens
     of its sequence chose that expert, and its output is p * expert(x); otherwise 0."""
-    cfg = moe.MoEConfig(vocab_size=16, block_size=12, n_layer=1, n_head=2, d_model=8, d_ff=16,
+    cfg = moe.MoEConfig(vocab_size=16, block_size=12, n_layer=2, n_head=2, d_model=8, d_ff=16,
                         n_expert=3, capacity_factor=1.0)  # C = 4 slots for 12 tokens over 3 experts
     torch.manual_seed(0)
     ffn = moe.SwitchFFN(cfg)
@@ -276,6 +295,49 @@ def test_llama_matches_huggingface_llama():
         state[new] = v
     missing, unexpected = ours.load_state_dict(state, strict=False)
     assert missing == [] and [k for k in unexpected if "rotary" not in k] == []
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), ref(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bert_matches_huggingface_bert_mlm():
+    transformers = _hf()
+    cfg = bert.BertConfig.tiny()
+    hf_cfg = transformers.BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+                                     num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                                     intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_seq_len,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    ref = transformers.BertForMaskedLM(hf_cfg).eval()
+    with torch.no_grad():  # non-trivial LayerNorm affine and biases, so a swapped one shows
+        for name, p in ref.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    hf = ref.state_dict()
+    state = {"word_emb.weight": hf["bert.embeddings.word_embeddings.weight"],
+             "pos_emb.weight": hf["bert.embeddings.position_embeddings.weight"],
+             "type_emb.weight": hf["bert.embeddings.token_type_embeddings.weight"],
+             "emb_ln.weight": hf["bert.embeddings.LayerNorm.weight"],
+             "emb_ln.bias": hf["bert.embeddings.LayerNorm.bias"],
+             "mlm_dense.weight": hf["cls.predictions.transform.dense.weight"],
+             "mlm_dense.bias": hf["cls.predictions.transform.dense.bias"],
+             "mlm_ln.weight": hf["cls.predictions.transform.LayerNorm.weight"],
+             "mlm_ln.bias": hf["cls.predictions.transform.LayerNorm.bias"],
+             "decoder.weight": hf["cls.predictions.decoder.weight"],  # tied to word_emb in both
+             "decoder.bias": hf["cls.predictions.decoder.bias"]}
+    assert torch.equal(hf["cls.predictions.decoder.weight"], hf["bert.embeddings.word_embeddings.weight"])
+    for i in range(cfg.n_layer):
+        p = f"bert.encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            state[f"layers.{i}.attn.qkv.{kind}"] = torch.cat(
+                [hf[f"{p}attention.self.{n}.{kind}"] for n in ("query", "key", "value")])
+            state[f"layers.{i}.attn.proj.{kind}"] = hf[f"{p}attention.output.dense.{kind}"]
+            state[f"layers.{i}.ln_1.{kind}"] = hf[f"{p}attention.output.LayerNorm.{kind}"]
+            state[f"layers.{i}.fc_in.{kind}"] = hf[f"{p}intermediate.dense.{kind}"]
+            state[f"layers.{i}.fc_out.{kind}"] = hf[f"{p}output.dense.{kind}"]
+            state[f"layers.{i}.ln_2.{kind}"] = hf[f"{p}output.LayerNorm.{kind}"]
+    ours = bert.Bert(cfg).eval()
+    ours.load_state_dict(state, strict=True)
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), ref(idx).logits, rtol=1e-5, atol=1e-5)
