@@ -9,8 +9,8 @@ from .cluster import Cluster, LinkSpec, NodeGroup, axis_collective_time, axis_gr
 from .collectives import COLLECTIVES, collective_time
 from .reshard import reshard_cost, reshard_cost_multi, reshard_kind
 from .compute import backward_time, host_transfer_time, matmul_flops, op_time
-from .memory import (grad_bytes, optimizer_state_bytes, param_bytes, training_state_breakdown,
-                     training_state_bytes)
+from .memory import (gpt_activation_bytes_per_layer, grad_bytes, optimizer_state_bytes, param_bytes,
+                     training_state_breakdown, training_state_bytes)
 from .pipeline import bubble_fraction, inflight_microbatches, pipeline_time
 from .flops import gpt_forward_flops, gpt_params, gpt_train_flops
 from . import catalog
@@ -28,6 +28,6 @@ __all__ = [
     "COLLECTIVES", "collective_time", "reshard_cost", "reshard_cost_multi", "reshard_kind",
     "op_time", "backward_time", "matmul_flops", "host_transfer_time",
     "param_bytes", "grad_bytes", "optimizer_state_bytes", "training_state_bytes",
-    "training_state_breakdown", "bubble_fraction", "pipeline_time", "inflight_microbatches",
+    "training_state_breakdown", "gpt_activation_bytes_per_layer", "bubble_fraction", "pipeline_time", "inflight_microbatches",
     "gpt_train_flops", "gpt_forward_flops", "gpt_params", "catalog", "profile",
 ]

@@ -90,7 +90,7 @@ def a100_80gb_sxm() -> DeviceSpec:
     """NVIDIA A100 80GB SXM4: 19.5 / 156 / 312 / 312 TFLOPS (fp32/tf32/bf16/fp16 dense),
     80 GB HBM2e at 2,039 GB/s, PCIe Gen4 x16; DGX A100: 2 TB host memory for 8 GPUs."""
     peak = {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12}
-    return _gpu("a100-80gb-sxm", "sm80", peak, 80 * GiB, 2039 * GB, "pcie4", 32 * GB,
+    return _gpu("a100-80gb-sxm", "sm80", peak, 80 * GiB, 2039 * GB, "pcie4", 31.5 * GB,
                 2048 * GiB // 8, eff=267.9 / 312, sms=108,
                 prov=Provenance(source=_A100_URL, date="2021-06",
                                 notes=f"MAMF 267.9 TFLOPS bf16 ({_MAMF_URL}); host memory: DGX A100 "
@@ -100,9 +100,9 @@ def a100_80gb_sxm() -> DeviceSpec:
 
 def h100_sxm() -> DeviceSpec:
     """NVIDIA H100 SXM5 80GB: 67 TFLOPS fp32, 494.7 tf32, 989.4 bf16/fp16 dense (datasheet
-    1,979 with sparsity), 3.35 TB/s HBM3, PCIe Gen5 (128 GB/s total = 64 GB/s/dir)."""
+    1,979 with sparsity), 3.35 TB/s HBM3, PCIe Gen5 x16 (datasheet "128 GB/s" bidirectional; 63 GB/s/dir after 128b/130b coding)."""
     peak = {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12}
-    return _gpu("h100-sxm", "sm90", peak, 80 * GiB, 3350 * GB, "pcie5", 64 * GB,
+    return _gpu("h100-sxm", "sm90", peak, 80 * GiB, 3350 * GB, "pcie5", 63 * GB,
                 2048 * GiB // 8, eff=792.1 / 989.4, sms=132,
                 prov=Provenance(source=_H100_URL, date="2023-07",
                                 notes=f"MAMF 792.1 TFLOPS bf16 ({_MAMF_URL}); host memory: DGX H100 "
@@ -113,7 +113,7 @@ def h100_sxm() -> DeviceSpec:
 def h200() -> DeviceSpec:
     """NVIDIA H200 SXM: H100 compute, 141 GB HBM3e at 4.8 TB/s, PCIe Gen5."""
     peak = {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12}
-    return _gpu("h200", "sm90", peak, 141 * 10 ** 9, 4800 * GB, "pcie5", 64 * GB,
+    return _gpu("h200", "sm90", peak, 141 * 10 ** 9, 4800 * GB, "pcie5", 63 * GB,
                 2048 * GiB // 8, eff=794.5 / 989.4, sms=132,
                 prov=Provenance(source=_H200_URL, date="2024-11",
                                 notes=f"MAMF 794.5 TFLOPS bf16 for H100/H200 SXM ({_MAMF_URL}); host "

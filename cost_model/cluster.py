@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 from .device import DeviceSpec, Provenance, _check_positive
 
@@ -34,29 +34,55 @@ class LinkSpec:
     """A point-to-point link as the alpha-beta model sees it.
 
     bandwidth: bytes/s per direction per device; latency: seconds per message (per ring step).
+    collective_fits: optional measured ``(kind, latency, bandwidth)`` triples that replace the
+    link-wide pair for that collective. A profiled gloo link needs them: gloo's
+    reduce_scatter, for one, costs about as much as its all_reduce, which no single
+    alpha-beta pair with ring factors can express. Catalog links leave it empty.
     """
 
     name: str
     bandwidth: float
     latency: float
     provenance: Provenance
+    collective_fits: tuple[tuple[str, float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"LinkSpec.name must be a non-empty string, got {self.name!r}")
-        _check_positive(f"LinkSpec({self.name!r})", "bandwidth", self.bandwidth)
-        _check_positive(f"LinkSpec({self.name!r})", "latency", self.latency, allow_zero=True)
+        owner = f"LinkSpec({self.name!r})"
+        _check_positive(owner, "bandwidth", self.bandwidth)
+        _check_positive(owner, "latency", self.latency, allow_zero=True)
         if not isinstance(self.provenance, Provenance):
-            raise TypeError(f"LinkSpec({self.name!r}).provenance must be a Provenance")
+            raise TypeError(f"{owner}.provenance must be a Provenance")
+        fits = tuple((str(k), float(a), float(b)) for k, a, b in self.collective_fits)
+        object.__setattr__(self, "collective_fits", fits)
+        for k, a, b in fits:
+            _check_positive(owner, f"collective_fits[{k!r}].latency", a, allow_zero=True)
+            _check_positive(owner, f"collective_fits[{k!r}].bandwidth", b)
+
+    def alpha_beta(self, kind: str) -> tuple[float, float]:
+        """(latency, bandwidth) to use for collective ``kind``."""
+        for k, a, b in self.collective_fits:
+            if k == kind:
+                return a, b
+        return self.latency, self.bandwidth
+
+    def has_fit(self, kind: str) -> bool:
+        return any(k == kind for k, _, _ in self.collective_fits)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "bandwidth": self.bandwidth, "latency": self.latency,
-                "provenance": self.provenance.to_json()}
+        d = {"name": self.name, "bandwidth": self.bandwidth, "latency": self.latency,
+             "provenance": self.provenance.to_json()}
+        if self.collective_fits:
+            d["collective_fits"] = {k: {"latency": a, "bandwidth": b} for k, a, b in self.collective_fits}
+        return d
 
     @classmethod
     def from_json(cls, d: Mapping) -> "LinkSpec":
+        fits = tuple((k, float(v["latency"]), float(v["bandwidth"]))
+                     for k, v in d.get("collective_fits", {}).items())
         return cls(name=d["name"], bandwidth=float(d["bandwidth"]), latency=float(d["latency"]),
-                   provenance=Provenance.from_json(d["provenance"]))
+                   provenance=Provenance.from_json(d["provenance"]), collective_fits=fits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +187,22 @@ class Cluster:
     def min_memory_bytes(self) -> int:
         return min(g.device.memory_bytes for g in self.groups)
 
+    def summary(self) -> str:
+        """One line per node group, e.g. ``128 nodes x 8 h100-sxm (nvlink4 450 GB/s inside,
+        ib-ndr 50 GB/s between)``."""
+        lines = []
+        for g in self.groups:
+            inter = g.inter_node_link or self.inter_node_link
+            between = f", {inter.name} {inter.bandwidth / 1e9:g} GB/s between" if g.num_nodes > 1 and inter else ""
+            inside = (f"{g.intra_node_link.name} {g.intra_node_link.bandwidth / 1e9:.3g} GB/s inside"
+                      if g.devices_per_node > 1 else "")
+            links = ", ".join(x for x in (inside, between.lstrip(", ")) if x)
+            lines.append(f"{g.num_nodes} node{'s' if g.num_nodes > 1 else ''} x {g.devices_per_node} "
+                         f"{g.device.name}" + (f" ({links})" if links else ""))
+        if len(self.groups) > 1 and self.inter_node_link is not None:
+            lines.append(f"between groups: {self.inter_node_link.name} {self.inter_node_link.bandwidth / 1e9:g} GB/s")
+        return "\n".join(lines)
+
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, "kind": "autopar.cluster", "name": self.name,
@@ -263,15 +305,22 @@ def cluster_from_profile(data: Mapping, nproc: int) -> Cluster:
     The profile holds one per-process DeviceSpec and one LinkSpec for each process count
     it measured. For an unmeasured count the largest measured one is rescaled: the host's
     total throughput at that count is shared by ``nproc`` processes (compute and memory
-    bandwidth divided accordingly); the link is taken as measured at the largest count.
+    bandwidth divided accordingly), unless each process has a GPU of its own; the link is
+    taken as measured at the largest count.
     """
     prof = data.get("profile")
     if not prof:
-        return Cluster.from_json(data)
+        cluster = Cluster.from_json(data)
+        if cluster.world_size != nproc:
+            raise ValueError(f"the cluster file for local:{nproc} describes {cluster.world_size} devices "
+                             f"({cluster.name!r}); re-run `autopar profile --nproc {nproc}`")
+        return cluster
     devices = {int(k): DeviceSpec.from_json(v) for k, v in prof["device_by_nproc"].items()}
     links = {int(k): LinkSpec.from_json(v) for k, v in prof["link_by_nproc"].items()}
     if nproc in devices:
         dev = devices[nproc]
+    elif devices[max(devices)].kind == "gpu" and int(prof.get("gpu_count", 0)) >= nproc:
+        dev = devices[max(devices)]  # one whole GPU per process: nothing is shared
     else:
         ref = max(devices)
         base = devices[ref]
@@ -362,22 +411,39 @@ def axis_groups(cluster: Cluster, mesh: Mapping[str, int], axis: str) -> list[li
             for r in range(cluster.world_size) if (r // stride) % n == 0]
 
 
-def axis_link(cluster: Cluster, mesh: Mapping[str, int], axis: str) -> LinkSpec:
+def axis_link(cluster: Cluster, mesh: Mapping[str, int], axis: str,
+              pp_stage: Optional[int] = None) -> LinkSpec:
     """The effective link of collectives along ``axis`` of ``mesh`` on ``cluster``.
 
-    For every rank group along the axis: all in one node -> that node's intra-node link;
-    spanning nodes of one group -> the group's inter-node link; spanning node groups -> the
-    cluster's inter-node link. For ``pp`` only consecutive stages talk, so pairs
-    (stage s, stage s+1) are examined. The slowest link over all groups is returned, since
-    a synchronous step waits for the slowest group.
+    ``pp_stage`` restricts the answer to the groups inside that pipeline stage (for
+    heterogeneous pipelines, where each stage runs on different hardware); it makes no
+    sense for ``axis="pp"``.
 
-    Simplification: a ring that crosses nodes is charged the inter-node link for every
-    step (NCCL charges intra-node latency for steps inside a node); the bandwidth term,
-    which dominates large messages, is the same.
+    For every rank group along the axis: all in one node -> that node's intra-node link;
+    spanning nodes of one group -> the group's inter-node link (see below); spanning node
+    groups -> the cluster's inter-node link. For ``pp`` only consecutive stages talk, so
+    pairs (stage s, stage s+1) are examined. The slowest link over all groups is returned,
+    since a synchronous step waits for the slowest group.
+
+    A group with r > 1 ranks in every node it spans (e.g. dp over whole nodes when tp = 1)
+    does better than one NIC: inter-node links are per device (one NIC per GPU), and NCCL
+    runs one ring channel per NIC, so the node boundary is crossed through r NICs at once
+    (NCCL's model, ``busBw = nChannels * speedInter`` in src/graph/tuning.cc). Such a group
+    gets a derived link ``"<inter>x<r>"`` with bandwidth ``min(intra, r * inter)`` and the
+    ring's mixed latency ``((n - k) * intra + (k - 1) * inter) / (n - 1)`` for n ranks on k
+    nodes (NCCL charges inter-node latency only for the k - 1 steps that cross nodes).
     """
     groups = axis_groups(cluster, mesh, axis)
     if str(getattr(axis, "value", axis)) == "pp":
+        if pp_stage is not None:
+            raise ValueError("axis_link: pp_stage selects groups of dp/tp, not of pp itself")
         groups = [g[k:k + 2] for g in groups for k in range(len(g) - 1)] or groups
+    elif pp_stage is not None:
+        sizes = _mesh_sizes(cluster, mesh)
+        if not 0 <= pp_stage < sizes["pp"]:
+            raise ValueError(f"axis_link: pp_stage {pp_stage} out of range for pp={sizes['pp']}")
+        per_stage = sizes["dp"] * sizes["tp"]
+        groups = [g for g in groups if g[0] // per_stage == pp_stage]
     located = {}
     worst: Optional[LinkSpec] = None
     for g in groups:
@@ -387,7 +453,9 @@ def axis_link(cluster: Cluster, mesh: Mapping[str, int], axis: str) -> LinkSpec:
         if len(nodes) == 1:
             link = cluster.groups[locs[0][0]].intra_node_link
         elif len(group_ids) == 1:
-            link = cluster.groups[locs[0][0]].inter_node_link or cluster.inter_node_link
+            ng = cluster.groups[locs[0][0]]
+            link = _multi_node_link(ng.intra_node_link, ng.inter_node_link or cluster.inter_node_link,
+                                    [node for _, node in locs])
         else:
             link = cluster.inter_node_link
         assert link is not None, "multi-node clusters always have an inter-node link"
@@ -395,6 +463,24 @@ def axis_link(cluster: Cluster, mesh: Mapping[str, int], axis: str) -> LinkSpec:
             worst = link
     assert worst is not None
     return worst
+
+
+def _multi_node_link(intra: LinkSpec, inter: Optional[LinkSpec], nodes: list[int]) -> LinkSpec:
+    """The link of one ring over ``nodes`` (one entry per rank) inside a node group."""
+    assert inter is not None, "multi-node clusters always have an inter-node link"
+    per_node: dict[int, int] = {}
+    for node in nodes:
+        per_node[node] = per_node.get(node, 0) + 1
+    r, n, k = min(per_node.values()), len(nodes), len(per_node)
+    if r == 1:
+        return inter
+    latency = ((n - k) * intra.latency + (k - 1) * inter.latency) / (n - 1)
+    return LinkSpec(name=f"{inter.name}x{r}", bandwidth=min(intra.bandwidth, r * inter.bandwidth),
+                    latency=latency,
+                    provenance=Provenance(source=inter.provenance.source, date=inter.provenance.date,
+                                          notes=f"{r} ranks per node cross nodes through {r} NICs "
+                                                f"(one NCCL channel each), capped by {intra.name}; "
+                                                f"{k - 1} of {n - 1} ring steps cross nodes"))
 
 
 def axis_collective_time(cluster: Cluster, mesh: Mapping[str, int], axis: str, kind: str,

@@ -21,6 +21,11 @@ and receives about B twice (reduce up, broadcast down, two half-size trees), so
 (2 vs 2(n-1)/n) but its latency grows with log n instead of n, so NCCL picks it for small
 messages or many ranks. ``algorithm="auto"`` takes the cheaper of the two, as NCCL's tuner
 does; ``"ring"`` / ``"tree"`` force one.
+
+A link may carry measured per-collective (alpha, beta) pairs (``LinkSpec.collective_fits``,
+written by ``autopar profile``); they replace the link-wide pair for that collective, and
+a measured all_reduce is used in its ring form only (the backend's own algorithm choice is
+already in the measurement).
 """
 from __future__ import annotations
 
@@ -55,7 +60,10 @@ def collective_time(kind: str, nbytes: float, n: int, link: LinkSpec, algorithm:
     _check(kind, nbytes, n)
     if n == 1 or nbytes == 0:
         return 0.0
-    bw, alpha = link.bandwidth, link.latency
+    alpha, bw = link.alpha_beta(kind)
+    if kind == "all_reduce" and link.has_fit(kind):
+        # measured on this backend: its own algorithm is in the fit, use the ring form
+        return 2 * (n - 1) / n * nbytes / bw + 2 * (n - 1) * alpha
     if kind == "all_reduce":
         if algorithm == "ring":
             return ring_all_reduce_time(nbytes, n, link)

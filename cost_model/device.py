@@ -23,7 +23,7 @@ reaches half of it. Both are per dtype, since a CPU may run bf16 far below fp32.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
 

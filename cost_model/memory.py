@@ -83,3 +83,36 @@ def training_state_breakdown(numel: int, optimizer: str, precision: str, zero_st
     return {"params": param_bytes(shard if zero_stage >= 3 else numel, precision),
             "grads": grad_bytes(shard if zero_stage >= 2 else numel, precision),
             "optimizer": optimizer_state_bytes(shard if zero_stage >= 1 else numel, optimizer, precision)}
+
+
+RECOMPUTE: tuple[str, ...] = ("none", "selective", "full")
+
+
+def gpt_activation_bytes_per_layer(seq: int, batch: int, hidden: int, heads: int, tp: int = 1,
+                                   sequence_parallel: bool = False, recompute: str = "none") -> float:
+    """Saved activation bytes of one transformer layer in 16-bit training, per device.
+
+    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+    Table 2 (s = seq, b = batch, h = hidden, a = heads, t = tp):
+
+        no parallelism              s b h (34 + 5 a s / h)
+        tensor parallel             s b h (10 + 24/t + 5 a s / (h t))
+        tensor + sequence parallel  s b h (34/t + 5 a s / (h t))
+        + selective recompute       s b h (34/t)  (with sequence parallel; 10 + 24/t without)
+        full recompute              2 s b h       (only the layer input is kept; /t with SP)
+
+    For checking the graph-derived activation sizes, the way :mod:`flops` checks FLOPs.
+    """
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"unknown recompute {recompute!r}: expected one of {RECOMPUTE}")
+    for name, v in (("seq", seq), ("batch", batch), ("hidden", hidden), ("heads", heads), ("tp", tp)):
+        if v < 1:
+            raise ValueError(f"gpt_activation_bytes_per_layer: {name} must be >= 1, got {v}")
+    s, b, h, a, t = seq, batch, hidden, heads, tp
+    sbh = s * b * h
+    if recompute == "full":
+        return 2.0 * sbh / (t if sequence_parallel else 1)
+    attn = 0.0 if recompute == "selective" else 5.0 * a * s / (h * t)
+    if sequence_parallel:
+        return sbh * (34.0 / t + attn)
+    return sbh * (10.0 + 24.0 / t + attn)

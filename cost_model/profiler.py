@@ -2,23 +2,30 @@
 
 What is measured (all with torch, no ISA-specific code, so it runs on x86 and ARM alike):
 
-1. In this process, with every core: matmul time over square sizes for fp32, bf16 and fp16;
+1. ``nproc`` ranks started with ``torch.multiprocessing`` (spawn; fork where a new
+   interpreter cannot be exec'd, e.g. under qemu-user) before this process runs any op,
+   joined with gloo over 127.0.0.1 (NCCL for CUDA tensors when every rank has its own GPU).
+   For each n = 2..nproc, the first n ranks, each with ``max(1, cores // n)`` threads, run
+   the matmul sweep **at the same time** for a fixed wall-clock window per point: on a
+   2-core host 4 processes each get about a quarter of the machine, and that per-process
+   rate is what predicts a 4-process run. Then all_reduce, all_gather, reduce_scatter,
+   all_to_all, broadcast (and send/recv between ranks 0 and 1) over a range of sizes.
+   alpha (latency) and beta (bandwidth) are fitted jointly over all collectives with the
+   ring formulas of :mod:`collectives` (the link-wide pair), and once per collective
+   (``LinkSpec.collective_fits``: gloo's algorithms do not all follow the ring formulas);
+   ``raw.fit_check`` records predicted vs measured for every sample.
+2. In this process, with every core: matmul time over square sizes for fp32, bf16 and fp16;
    the fit ``t(F) = t0 + F / rate`` per dtype gives the DeviceSpec efficiency curve
    (``peak_flops = rate`` as the best sustained matmul rate, ``eff_max = 1``,
    ``flops_half = t0 * rate``); streaming bandwidth (``out = x + y``); the dispatch cost of a
    one-element op (``op_overhead_s``). With CUDA, the same on the GPU plus pinned
    host<->device copies (host link bandwidth).
-2. ``nproc`` processes spawned with ``torch.multiprocessing`` and joined with gloo over
-   127.0.0.1 (NCCL for CUDA tensors when every process has its own GPU). For each
-   n = 2..nproc, the first n ranks, each with ``max(1, cores // n)`` threads, run the
-   matmul sweep **at the same time**: on a 2-core host 4 processes each get about a quarter
-   of the machine, and that per-process rate is what predicts a 4-process run. Then
-   all_reduce, all_gather, reduce_scatter, all_to_all, broadcast (and send/recv between
-   ranks 0 and 1) over a range of sizes; alpha (latency) and beta (bandwidth) are fitted
-   jointly over all collectives with the ring formulas of :mod:`collectives`.
 
-Limitation: timings are rank 0's, the median of a few repetitions; a host shared with other
-work gives noisy figures (run it on a quiet machine).
+Limitations: timings are rank 0's, the median of a few repetitions; a host shared with
+other work gives noisy figures (run it on a quiet machine). With CUDA but fewer GPUs than
+processes, collectives are measured with gloo on CPU tensors and every process is given the
+whole measured GPU (a shared GPU is not modelled). The multi-process phase assumes the
+runtime gives each of N processes ``max(1, cores // N)`` intra-op threads, as here.
 
 The result is a Cluster JSON (``local:nproc``) with an extra ``"profile"`` section holding
 one DeviceSpec and one LinkSpec per process count plus the raw samples;
@@ -33,6 +40,7 @@ import socket
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -41,7 +49,7 @@ from .collectives import alpha_beta_factors
 from .device import DTYPES, DeviceSpec, Provenance
 
 DEFAULT_MATMUL_SIZES: tuple[int, ...] = (128, 256, 512, 1024)
-DEFAULT_COLLECTIVE_BYTES: tuple[int, ...] = (1 << 12, 1 << 16, 1 << 20, 1 << 22)
+DEFAULT_COLLECTIVE_BYTES: tuple[int, ...] = (1 << 12, 1 << 15, 1 << 18, 1 << 20, 1 << 22)
 DEFAULT_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 COLLECTIVE_KINDS: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all",
                                      "broadcast", "send_recv")
@@ -102,7 +110,36 @@ def matmul_samples(sizes: Sequence[int], dtypes: Sequence[str], device: str = "c
     return out
 
 
-def stream_bandwidth(numel: int = 1 << 22, device: str = "cpu", reps: int = 5) -> float:
+def concurrent_matmul_samples(sizes: Sequence[int], dtypes: Sequence[str], window_s: float,
+                              barrier: Callable[[], None]) -> dict[str, list[tuple[float, float]]]:
+    """Like :func:`matmul_samples`, but every process starts each point after ``barrier`` and
+    keeps multiplying for ``window_s`` seconds of wall time, so all processes overlap for the
+    whole window (short fixed-repetition loops would drift apart and each run alone)."""
+    import torch
+
+    out: dict[str, list[tuple[float, float]]] = {}
+    for d in dtypes:
+        rows = []
+        for n in sizes:
+            a = torch.randn(n, n).to(_torch_dtype(d))
+            b = torch.randn(n, n).to(_torch_dtype(d))
+            torch.mm(a, b)
+            barrier()
+            times, start = [], time.perf_counter()
+            while True:
+                t = time.perf_counter()
+                torch.mm(a, b)
+                times.append(time.perf_counter() - t)
+                if time.perf_counter() - start >= window_s:
+                    break
+            # median per-call time: robust to a stray preemption, while every call still
+            # shares the cores with the other processes running the same loop
+            rows.append((2.0 * n ** 3, statistics.median(times)))
+        out[d] = rows
+    return out
+
+
+def stream_bandwidth(numel: int = 1 << 24, device: str = "cpu", reps: int = 5) -> float:
     """Bytes/s of ``out = x + y`` in fp32 (2 reads + 1 write per element)."""
     import torch
 
@@ -114,18 +151,22 @@ def stream_bandwidth(numel: int = 1 << 22, device: str = "cpu", reps: int = 5) -
     return 3 * 4 * numel / t
 
 
-def op_overhead(device: str = "cpu", reps: int = 200) -> float:
-    """Seconds of a one-element add: framework dispatch (+ kernel launch on a GPU)."""
+def op_overhead(device: str = "cpu", reps: int = 200, rounds: int = 5) -> float:
+    """Seconds of a one-element add: framework dispatch (+ kernel launch on a GPU). The
+    fastest of ``rounds`` rounds: a fixed cost is best seen when nothing else interferes."""
     import torch
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     x = torch.ones(1, device=device)
     y = torch.empty_like(x)
-
-    def run() -> None:
+    best = float("inf")
+    for _ in range(rounds + 1):  # the first round warms up
+        start = time.perf_counter()
         for _ in range(reps):
             torch.add(x, 1.0, out=y)
-    return _median_time(run, 3, sync) / reps
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best / reps
 
 
 def host_copy_bandwidth(numel: int = 1 << 24) -> float:
@@ -187,6 +228,20 @@ def fit_link(samples: dict[str, list[tuple[float, float]]], n: int) -> tuple[flo
     return alpha, 1.0 / inv_bw
 
 
+def fit_check(samples: dict[str, list], n: int, params: Callable[[str], tuple[float, float]]
+              ) -> dict[str, dict]:
+    """Predicted vs measured for every collective sample under the fitted ``params(kind) ->
+    (alpha, bw)``, so the profile shows how well the fit explains each collective (the cost
+    model is checkable): ``{kind: {"max_rel_err": ..., "points": [[nbytes, measured_s, predicted_s]]}}``."""
+    out = {}
+    for kind, pts in samples.items():
+        alpha, bw = params(kind)
+        steps, factor = alpha_beta_factors(kind, n if kind != "send_recv" else 2)
+        rows = [[b, t, steps * alpha + factor * b / bw] for b, t in pts]
+        out[kind] = {"max_rel_err": max(abs(p - t) / t for _, t, p in rows), "points": rows}
+    return out
+
+
 # --------------------------------------------------------------------------- worker
 
 def _collective_samples(rank: int, n: int, group, sizes: Sequence[int], device: str) -> dict:
@@ -200,7 +255,7 @@ def _collective_samples(rank: int, n: int, group, sizes: Sequence[int], device: 
             continue
         rows = []
         for nbytes in sizes:
-            numel = max(n, nbytes // 4 // n * n)  # divisible by n
+            numel = max(n * n, nbytes // 4 // (n * n) * n * n)  # shards divisible by n (all_to_all)
             full = torch.ones(numel, device=device)
             part = torch.ones(numel // n, device=device)
             if kind == "all_reduce":
@@ -261,8 +316,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
             torch.set_num_threads(threads)
             if rank < n:
                 if not use_cuda:  # concurrent compute only matters when processes share cores
-                    dist.barrier(group=group)
-                    result["matmul"][n] = matmul_samples(cfg["sizes"], cfg["dtypes"], "cpu", fixed_reps=3)
+                    result["matmul"][n] = concurrent_matmul_samples(
+                        cfg["sizes"], cfg["dtypes"], cfg["window_s"], lambda: dist.barrier(group=group))
                     dist.barrier(group=group)
                     result["stream"][n] = stream_bandwidth(cfg["stream_numel"], "cpu", reps=5)
                 result["collectives"][n] = _collective_samples(rank, n, group, cfg["coll_bytes"], device)
@@ -309,27 +364,80 @@ def _arch() -> str:
 def profile(nproc: int = 2, out: Union[str, os.PathLike, None] = None, progress: Progress = None, *,
             matmul_sizes: Sequence[int] = DEFAULT_MATMUL_SIZES,
             collective_bytes: Sequence[int] = DEFAULT_COLLECTIVE_BYTES,
-            dtypes: Sequence[str] = DEFAULT_DTYPES, stream_numel: int = 1 << 22,
-            timeout_s: float = 300.0) -> Cluster:
+            dtypes: Sequence[str] = DEFAULT_DTYPES, stream_numel: int = 1 << 24,
+            window_s: float = 0.2, timeout_s: float = 300.0, start_method: str = "spawn") -> Cluster:
     """Measure this machine and return (and write to ``out``, default
     :func:`default_profile_path`) the ``local:nproc`` cluster. ``progress`` gets one-line
-    strings as phases finish."""
+    strings as phases finish. ``start_method`` ("spawn", or "fork" where exec of a new
+    interpreter is impossible, e.g. under qemu-user) starts the ranks; they are started
+    before this process runs any torch op, so a forked rank inherits no thread pool."""
     import torch
 
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"profile: nproc must be an int >= 1, got {nproc!r}")
     say = progress or (lambda s: None)
-    host = socket.gethostname()
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    cores = os.cpu_count() or 1
-    mem = host_memory_bytes() or (16 << 30)
-    arch = _arch()
-    cuda = torch.cuda.is_available()
-    prov = lambda notes: Provenance(source=f"measured on {host} at {date}", date=date, host=host, notes=notes)
-    started = time.perf_counter()
+    host = _Host.here()
+    prev_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(host.cores)
+        return _profile(nproc, out, say, host, matmul_sizes, collective_bytes, dtypes, stream_numel,
+                        window_s, timeout_s, start_method)
+    finally:
+        torch.set_num_threads(prev_threads)
 
-    torch.set_num_threads(cores)
+
+@dataclass(frozen=True)
+class _Host:
+    """This machine, as the profile records it."""
+
+    name: str
+    date: str
+    cores: int
+    memory_bytes: int
+    arch: str
+    cuda: bool
+
+    @classmethod
+    def here(cls) -> "_Host":
+        import torch
+        return cls(name=socket.gethostname(),
+                   date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                   cores=os.cpu_count() or 1, memory_bytes=host_memory_bytes() or (16 << 30),
+                   arch=_arch(), cuda=torch.cuda.is_available())
+
+    def provenance(self, notes: str) -> Provenance:
+        return Provenance(source=f"measured on {self.name} at {self.date}", date=self.date,
+                          host=self.name, notes=notes)
+
+
+def _run_ranks(nproc: int, cfg: dict, start_method: str) -> dict:
+    """Start ``nproc`` ranks of :func:`_worker` and return rank 0's measurements."""
+    import torch.multiprocessing as mp
+
+    if start_method not in ("spawn", "fork", "forkserver"):
+        raise ValueError(f"profile: start_method must be 'spawn', 'fork' or 'forkserver', got {start_method!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = os.path.join(tmp, "result.json")
+        mp.start_processes(_worker, args=(nproc, _free_port(), cfg, result_path), nprocs=nproc, join=True,
+                           start_method=start_method)
+        return json.loads(Path(result_path).read_text())
+
+
+def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes, collective_bytes,
+             dtypes, stream_numel: int, window_s: float, timeout_s: float, start_method: str) -> Cluster:
+    import torch
+
+    host, date, cores, mem, arch, cuda, prov = h.name, h.date, h.cores, h.memory_bytes, h.arch, h.cuda, h.provenance
+    started = time.perf_counter()
     say(f"profiling {host} ({arch}, {cores} cores, torch {torch.__version__}, cuda={cuda})")
+    result = None
+    use_cuda = cuda and torch.cuda.device_count() >= nproc
+    if nproc >= 2:  # first, before this process runs any op (see start_method)
+        cfg = {"sizes": list(matmul_sizes), "dtypes": list(dtypes), "coll_bytes": list(collective_bytes),
+               "stream_numel": stream_numel, "cuda": use_cuda, "timeout_s": timeout_s,
+               "window_s": window_s}
+        say(f"starting {nproc} processes ({start_method}; gloo{'+nccl' if use_cuda else ''} on 127.0.0.1)")
+        result = _run_ranks(nproc, cfg, start_method)
     raw: dict = {"matmul": {}, "stream": {}, "collectives": {}, "threads": {"1": cores}}
     cpu_mm = matmul_samples(matmul_sizes, dtypes, "cpu")
     raw["matmul"]["1"] = cpu_mm
@@ -362,16 +470,7 @@ def profile(nproc: int = 2, out: Union[str, os.PathLike, None] = None, progress:
             prov(notes.format(n=1, threads=cores)))
 
     links: dict[int, LinkSpec] = {}
-    if nproc >= 2:
-        use_cuda = cuda and torch.cuda.device_count() >= nproc
-        cfg = {"sizes": list(matmul_sizes), "dtypes": list(dtypes), "coll_bytes": list(collective_bytes),
-               "stream_numel": stream_numel, "cuda": use_cuda, "timeout_s": timeout_s}
-        say(f"spawning {nproc} processes (gloo{'+nccl' if use_cuda else ''} on 127.0.0.1)")
-        import torch.multiprocessing as mp
-        with tempfile.TemporaryDirectory() as tmp:
-            result_path = os.path.join(tmp, "result.json")
-            mp.spawn(_worker, args=(nproc, _free_port(), cfg, result_path), nprocs=nproc, join=True)
-            result = json.loads(Path(result_path).read_text())
+    if result is not None:
         for n in range(2, nproc + 1):
             key = str(n)
             coll = result["collectives"][key]
@@ -379,11 +478,16 @@ def profile(nproc: int = 2, out: Union[str, os.PathLike, None] = None, progress:
             raw["threads"][key] = result["threads"][key]
             usable = {k: v for k, v in coll.items() if isinstance(v, list) and v}
             alpha, bw = fit_link(usable, n)
+            per_kind = {k: fit_link({k: v}, n) for k, v in usable.items() if len(v) >= 2}
+            raw.setdefault("fit_check", {})[key] = {
+                "joint": fit_check(usable, n, lambda k: (alpha, bw)),
+                "per_collective": fit_check(usable, n, lambda k: per_kind.get(k, (alpha, bw)))}
             skipped = sorted(k for k, v in coll.items() if not isinstance(v, list))
             links[n] = LinkSpec(
                 name="local-nccl" if use_cuda else "local-gloo", bandwidth=bw, latency=alpha,
-                provenance=prov(f"{n} processes; joint alpha-beta fit over {sorted(usable)}"
-                                + (f"; unsupported: {skipped}" if skipped else "")))
+                provenance=prov(f"{n} processes; joint alpha-beta fit over {sorted(usable)}, "
+                                f"plus one fit per collective" + (f"; unsupported: {skipped}" if skipped else "")),
+                collective_fits=tuple((k, a, b) for k, (a, b) in sorted(per_kind.items())))
             say(f"{n} processes: link {bw / 1e9:.2f} GB/s, {alpha * 1e6:.1f} us"
                 + (f" (unsupported: {', '.join(skipped)})" if skipped else ""))
             if not cuda:
@@ -398,6 +502,7 @@ def profile(nproc: int = 2, out: Union[str, os.PathLike, None] = None, progress:
 
     data = {"profile": {"version": PROFILE_VERSION, "host": host, "date": date, "arch": arch,
                         "cpu_count": cores, "nproc": nproc, "torch": torch.__version__,
+                        "gpu_count": torch.cuda.device_count() if cuda else 0,
                         "device_by_nproc": {str(k): v.to_json() for k, v in devices.items()},
                         "link_by_nproc": {str(k): v.to_json() for k, v in links.items()},
                         "raw": raw, "wall_s": time.perf_counter() - started}}

@@ -1,0 +1,116 @@
+"""The profiler measures this machine: a tiny smoke run with 2 processes (a few seconds),
+and the full-size run kept under the `slow` marker."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from autopar.cost_model import Cluster, DeviceSpec
+from autopar.cost_model.profiler import fit_link, fit_overhead_rate, profile
+
+
+def test_fit_overhead_rate_recovers_parameters():
+    t0, rate = 5e-5, 2e11
+    samples = [(f, t0 + f / rate) for f in (1e6, 1e7, 1e8, 1e9)]
+    got_t0, got_rate = fit_overhead_rate(samples)
+    assert got_t0 == pytest.approx(t0, rel=1e-6)
+    assert got_rate == pytest.approx(rate, rel=1e-6)
+    # a noisy negative intercept falls back to a line through the origin
+    t0_, rate_ = fit_overhead_rate([(1e6, 1e-6), (1e9, 2e-2)])
+    assert t0_ == 0.0 and rate_ > 0
+
+
+def test_fit_link_recovers_alpha_beta():
+    alpha, bw, n = 3e-5, 2e9, 4
+    samples = {
+        "all_reduce": [(b, 2 * (n - 1) * alpha + 2 * (n - 1) / n * b / bw) for b in (1e3, 1e5, 1e7)],
+        "all_gather": [(b, (n - 1) * alpha + (n - 1) / n * b / bw) for b in (1e3, 1e5, 1e7)],
+    }
+    a, b = fit_link(samples, n)
+    assert a == pytest.approx(alpha, rel=1e-6)
+    assert b == pytest.approx(bw, rel=1e-6)
+
+
+def _check_profile(cluster: Cluster, path, nproc: int) -> None:
+    assert cluster.world_size == nproc
+    dev = cluster.groups[0].device
+    assert dev.provenance.source.startswith("measured on ")
+    assert dev.peak_flops["fp32"] > 1e8
+    link = cluster.groups[0].intra_node_link
+    assert link.provenance.source.startswith("measured on ")
+    assert link.bandwidth > 1e6 and link.latency >= 0
+    doc = json.loads(path.read_text())
+    assert Cluster.from_json(doc) == cluster
+    assert str(nproc) in doc["profile"]["device_by_nproc"]
+    assert DeviceSpec.from_json(doc["profile"]["device_by_nproc"]["1"]).kind in ("cpu", "gpu")
+
+
+def test_profile_smoke_two_processes(tmp_path, monkeypatch):
+    out = tmp_path / "profile.json"
+    messages: list[str] = []
+    cluster = profile(2, out, messages.append, matmul_sizes=(32, 64), collective_bytes=(1 << 10, 1 << 14),
+                      dtypes=("fp32",), stream_numel=1 << 16, window_s=0.02)
+    _check_profile(cluster, out, 2)
+    assert any("2 processes" in m for m in messages)
+    raw = json.loads(out.read_text())["profile"]["raw"]
+    assert set(raw["collectives"]["2"]) >= {"all_reduce", "all_gather", "send_recv"}
+    # the link carries one measured (alpha, beta) per collective, and the fit is checked
+    link = cluster.groups[0].intra_node_link
+    assert link.has_fit("all_reduce") and link.has_fit("all_gather")
+    assert raw["fit_check"]["2"]["per_collective"]["all_reduce"]["max_rel_err"] >= 0
+    # local:N reads the profile back; an unmeasured count is rescaled from the largest one
+    monkeypatch.setenv("AUTOPAR_PROFILE", str(out))
+    assert Cluster.parse("local:2") == cluster
+    c4 = Cluster.parse("local:4")
+    assert c4.groups[0].device.peak_flops["fp32"] == pytest.approx(cluster.groups[0].device.peak_flops["fp32"] / 2)
+
+
+@pytest.mark.slow
+def test_profile_full_size_four_processes_under_two_minutes(tmp_path):
+    out = tmp_path / "profile.json"
+    start = time.perf_counter()
+    cluster = profile(4, out)
+    assert time.perf_counter() - start < 120
+    _check_profile(cluster, out, 4)
+
+
+
+_ARM_SCRIPT = """
+import importlib.util, sys
+from pathlib import Path
+repo = Path(sys.argv[1])
+spec = importlib.util.spec_from_file_location("arm_check", repo / "tools" / "arm_check.py")
+m = importlib.util.module_from_spec(spec); sys.modules["arm_check"] = m; spec.loader.exec_module(m)
+m.import_autopar(repo)
+from autopar.cost_model import Cluster
+from autopar.cost_model.profiler import profile
+c = profile(2, sys.argv[2], print, matmul_sizes=(32, 64), collective_bytes=(1 << 10, 1 << 14),
+            dtypes=("fp32",), stream_numel=1 << 14, window_s=0.05, start_method="fork")
+assert c.groups[0].device.arch == "aarch64", c.groups[0].device.arch
+assert Cluster.from_file(sys.argv[2]) == c
+print("ARM PROFILE OK")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_profile_on_aarch64_under_qemu(tmp_path):
+    """The profiler on an emulated aarch64 Python (tools/arm_emulation.sh builds the root)."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    root = Path(os.environ.get("AUTOPAR_ARM_ROOT", repo / ".arm")) / "rootfs"
+    site = root / "opt" / "site-packages"
+    if shutil.which("qemu-aarch64-static") is None or not (site / ".autopar-site-ok").exists():
+        pytest.skip("no emulated aarch64 root: run tools/arm_emulation.sh first")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONSTARTUP")}
+    env.update(PYTHONPATH=str(site), PYTHONNOUSERSITE="1")
+    cmd = ["qemu-aarch64-static", "-cpu", "neoverse-n1", "-L", str(root), str(root / "usr/bin/python3.11"),
+           "-c", _ARM_SCRIPT, str(repo), str(tmp_path / "profile.json")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=tmp_path)
+    assert res.returncode == 0 and "ARM PROFILE OK" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
