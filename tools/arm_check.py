@@ -13,7 +13,8 @@ What it checks, in order (each failure names the tensor and the numbers at fault
    namespace as setup.cfg's ``package_dir`` does), so the package itself loads on the arch.
 2. OR-Tools CP-SAT, the solver backend, solves a small knapsack to the brute-force optimum.
 3. ``world_size`` processes (default 2) join a gloo group at MASTER_ADDR=127.0.0.1; each takes
-   its contiguous slice of one global batch, runs forward and backward on a tiny MLP,
+   its contiguous slice of one global batch, runs forward and backward on a tiny MLP (the
+   zoo's ``autopar.models`` mlp "tiny" when it imports, else the two-layer MLP below),
    all-reduces (sums) the gradients and the loss and divides by the world size, then takes an
    SGD step; this repeats for ``steps`` steps. Every rank's losses and final parameters must
    equal (``torch.testing.assert_close``, fp32 defaults) those of one process stepping on the
@@ -57,7 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True, slots=True)
 class MLPConfig:
-    """Sizes of the tiny model; small enough that emulation takes seconds per step."""
+    """Sizes of the fallback model; small enough that emulation takes seconds per step."""
 
     n_in: int = 16
     n_hidden: int = 32
@@ -65,7 +66,11 @@ class MLPConfig:
 
 
 class MLP(nn.Module):
-    """Two linear layers with a tanh between: x (B, n_in) -> (B, n_out)."""
+    """Two linear layers with a tanh between: x (B, n_in) -> (B, n_out).
+
+    The fallback when ``autopar.models`` does not import, so this file also checks a bare
+    torch install.
+    """
 
     def __init__(self, config: MLPConfig) -> None:
         super().__init__()
@@ -89,6 +94,8 @@ class CheckConfig:
     lr: float = 0.1
     seed: int = 0
     model: MLPConfig = MLPConfig()
+    #: "zoo": autopar.models' mlp "tiny" preset; "local": :class:`MLP` above.
+    model_source: str = "zoo"
     #: "avg" is correct data parallelism; "sum" (no division by world size) exists so tests
     #: can show that the comparison catches a wrong gradient reduction.
     grad_reduce: str = "avg"
@@ -105,6 +112,8 @@ class CheckConfig:
             )
         if self.grad_reduce not in ("avg", "sum"):
             raise ValueError(f"grad_reduce must be 'avg' or 'sum', got {self.grad_reduce!r}")
+        if self.model_source not in ("zoo", "local"):
+            raise ValueError(f"model_source must be 'zoo' or 'local', got {self.model_source!r}")
         if self.start_method not in ("fork", "spawn", "forkserver"):
             raise ValueError(f"unknown start_method {self.start_method!r}")
 
@@ -133,30 +142,34 @@ class CheckResult:
 # ---------------------------------------------------------------------------- the step
 
 
-def _make_batch(config: CheckConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """One global batch, identical on every rank and in the reference (seeded CPU RNG)."""
+def _build(config: CheckConfig):
+    """(model, x, y, loss_fn): the same weights and global batch on every rank and in the
+    reference (seeded global RNG for weights, seeded generators for data)."""
+    torch.manual_seed(config.seed)
+    if config.model_source == "zoo":
+        import_autopar(subpackages=("autopar.models",))
+        from autopar.models import ZOO
+
+        entry = ZOO["mlp"]
+        model, (x,) = entry.build("tiny", batch_size=config.global_batch)
+        return model, x, entry.make_targets(model, (x,)), entry.loss_fn
+    model = MLP(config.model)
     gen = torch.Generator().manual_seed(config.seed + 1)
     x = torch.randn(config.global_batch, config.model.n_in, generator=gen)
     y = torch.randn(config.global_batch, config.model.n_out, generator=gen)
-    return x, y
-
-
-def _make_model(config: CheckConfig) -> MLP:
-    torch.manual_seed(config.seed)
-    return MLP(config.model)
+    return model, x, y, nn.functional.mse_loss
 
 
 def _train(config: CheckConfig, rank: int, world_size: int) -> StepTrace:
     """``config.steps`` SGD steps on this rank's slice; with world_size 1, the reference."""
-    model = _make_model(config)
+    model, x, y, loss_fn = _build(config)
     opt = torch.optim.SGD(model.parameters(), lr=config.lr)
-    x, y = _make_batch(config)
     local = config.global_batch // world_size
     x, y = x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local]
     losses = []
     for _ in range(config.steps):
         opt.zero_grad(set_to_none=True)
-        loss = nn.functional.mse_loss(model(x), y)
+        loss = loss_fn(model(x), y)
         loss.backward()
         loss = loss.detach().clone()
         if world_size > 1:
@@ -281,19 +294,32 @@ def _checkout_packages(repo: Path) -> dict[str, Path]:
     return mapping
 
 
-def import_autopar(repo: Path = REPO):
-    """Import ``autopar``, installed or from the checkout at ``repo``; return the module."""
+def import_autopar(repo: Path = REPO, subpackages: tuple[str, ...] | None = None):
+    """Import ``autopar`` and ``subpackages`` (default: all that setup.cfg maps), installed
+    or from the checkout at ``repo``; return the ``autopar`` module."""
+    packages = _checkout_packages(repo)
     try:
         import autopar
     except ImportError:
-        packages = _checkout_packages(repo)
         if "autopar" not in packages:
             raise
         sys.meta_path.insert(0, _CheckoutFinder(packages))
         import autopar
-    for name in _checkout_packages(repo):
+    for name in packages if subpackages is None else subpackages:
         importlib.import_module(name)
     return autopar
+
+
+def pick_model_source() -> tuple[str, str]:
+    """("zoo", description) when autopar.models imports here, else ("local", why not)."""
+    try:
+        import_autopar(subpackages=("autopar.models",))
+        from autopar.models import ZOO
+
+        cfg = ZOO["mlp"].build("tiny", batch_size=2, device="meta")[0].config
+    except Exception as exc:  # reported by the caller, which then checks the fallback MLP
+        return "local", f"local 2-layer MLP (autopar.models not usable: {type(exc).__name__}: {exc})"
+    return "zoo", f"autopar.models mlp 'tiny' {cfg}"
 
 
 def check_ortools() -> str:
@@ -333,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-method", default="fork", choices=("fork", "spawn", "forkserver"))
     parser.add_argument("--grad-reduce", default="avg", choices=("avg", "sum"),
                         help="'sum' is a deliberate bug: the check must then FAIL")
-    parser.add_argument("--skip-autopar", action="store_true", help="do not import autopar")
+    parser.add_argument("--skip-autopar", action="store_true",
+                        help="do not import autopar; train the local MLP")
     parser.add_argument("--skip-ortools", action="store_true", help="do not run the CP-SAT check")
     args = parser.parse_args(argv)
 
@@ -351,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
             version = check_ortools()
             print(f"ortools {version}: CP-SAT knapsack optimum matches brute force "
                   f"({time.perf_counter() - t:.1f} s)", flush=True)
-        config = CheckConfig(world_size=args.world_size, steps=args.steps,
+        source, description = ("local", "local 2-layer MLP") if args.skip_autopar else pick_model_source()
+        print(f"model: {description}", flush=True)
+        config = CheckConfig(world_size=args.world_size, steps=args.steps, model_source=source,
                              start_method=args.start_method, grad_reduce=args.grad_reduce)
     except Exception as exc:
         traceback.print_exc()
@@ -361,11 +390,12 @@ def main(argv: list[str] | None = None) -> int:
           f"samples, {config.steps} SGD steps, grads reduced by {config.grad_reduce}, "
           f"start method {config.start_method} ...", flush=True)
     result = run_check(config)
-    print(f"ranks vs one process: max |diff| {result.max_abs_diff:.3g} ({result.wall_s:.1f} s)",
-          flush=True)
     if not result.ok:
+        print(f"ranks vs one process differ ({result.wall_s:.1f} s)", flush=True)
         print(f"FAIL: {result.error}", flush=True)
         return 1
+    print(f"ranks vs one process: max |diff| {result.max_abs_diff:.3g} ({result.wall_s:.1f} s)",
+          flush=True)
     print(f"PASS ({result.machine}, torch {result.torch_version})", flush=True)
     return 0
 
