@@ -60,6 +60,9 @@ def test_catalog_datasheet_figures():
     assert catalog.pcie5().bandwidth == pytest.approx(2 * catalog.pcie4().bandwidth, rel=0.01)
     # graviton4: 96 cores x 2.8 GHz x 32 FLOP/cycle
     assert catalog.graviton4().peak_flops["fp32"] == pytest.approx(96 * 2.8e9 * 32)
+    # grace with 480 GB LPDDR5X: NVIDIA rates the 960 GB superchip at 768 GB/s, 384 per Grace
+    assert catalog.grace().memory_bandwidth == pytest.approx(384e9)
+    assert catalog.grace().memory_bytes == 480e9
 
 
 @pytest.mark.parametrize("name", sorted(catalog.LINKS))
