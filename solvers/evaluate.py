@@ -1,0 +1,189 @@
+"""The step time and memory of one complete decision, in plain Python.
+
+This is the cost model the ILP (:mod:`.formulation`) encodes linearly; keeping it as a
+separate function lets tests enumerate every decision of a small case and check the ILP
+returns the same optimum, and lets the decoder report the predicted figures of the plan.
+
+Per pipeline rank i with k_i blocks, device d_i, recomputing r_i blocks and offloading the
+activations of o_i blocks (per microbatch):
+
+    base_i  = sum_u mult_i(u) c_u(s_u) + sum_e mult_i(e) c_e(s_src, s_dst) + r_i F(s)
+    t_i     = max(base_i, o_i * 2 (A(s) - C(s)) / host_bw)          offload overlaps compute
+    mem_i   = sum_params mult_i * state_mem(s, cfg) + working
+              + inflight_i * (sum_u mult_i(u) act_u(s) - (r_i + o_i)(A(s) - C(s)))  <= capacity
+    host_i  = sum_params mult_i * state_host(s, cfg) + inflight_i o_i (A(s) - C(s)) <= host capacity
+
+with A the saved activations of one block, C its checkpoint (the block output), F its
+forward time; mult_i(u) = k_i for block units, 1 on the stage that holds a prefix/suffix
+unit. Per step:
+
+    T = m t_max + (sum_i t_i - t_max)/v + 2 (v p - 1) p2p(s) + max_i (expA_i + expG_i + step_i)
+    expA_i = max(0, overlap_i - m t_i)     ZeRO-3 gathers, param/grad streaming
+    expG_i = max(0, sync_i - beta t_i)     gradient sync overlapping the last backward
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .costed import BACKWARD_SHARE, CostedGraph, EdgeCosts, NodeCosts
+
+
+@dataclass(frozen=True)
+class Decision:
+    strategy: Mapping[str, int]  # unit -> strategy index
+    config: Mapping[str, int]  # param group ("block" | "outside") -> state config index
+    recompute: tuple[int, ...]  # per pipeline rank: blocks recomputed
+    offload_act: tuple[int, ...]  # per pipeline rank: blocks whose activations go to host
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    step_time_s: float
+    stage_time_s: tuple[float, ...]  # per microbatch, per pipeline rank
+    compute_s: float  # m * sum over the critical stage of compute
+    communication_s: float
+    bubble_s: float
+    offload_s: float
+    memory_bytes: tuple[float, ...]  # per pipeline rank
+    memory_breakdown: tuple[Mapping[str, float], ...]
+    host_bytes: tuple[float, ...]  # offloaded to host memory, per device of each rank
+    feasible: bool
+    over: tuple[float, ...] = field(default=())  # bytes over device (plus host) capacity per stage
+
+
+def group_of(n: NodeCosts) -> str:
+    return "block" if n.place == "block" else "outside"
+
+
+def stage_mult(cg: CostedGraph, place: str, i: int) -> int:
+    st = cg.stages[i]
+    if place == "block":
+        return st.num_blocks
+    if place == "prefix":
+        return 1 if st.prefix else 0
+    return 1 if st.suffix else 0
+
+
+def edge_mult(cg: CostedGraph, e: EdgeCosts, dst_place: str, i: int) -> int:
+    st = cg.stages[i]
+    if e.kind == "chain":
+        return st.num_blocks - (1 if i == 0 else 0)
+    if e.kind in ("intra", "fanin"):
+        return st.num_blocks
+    return stage_mult(cg, dst_place, i)
+
+
+def param_holders(cg: CostedGraph, n: NodeCosts) -> list[tuple[int, int]]:
+    """(stage, multiplicity) of the stages holding a node's params (tied copies included)."""
+    out = {}
+    for i in range(len(cg.stages)):
+        k = stage_mult(cg, n.place, i)
+        if k:
+            out[i] = k
+    places = {x.name: x.place for x in cg.nodes}
+    for e in cg.edges:
+        if e.kind == "param" and e.src == n.name:
+            for i in range(len(cg.stages)):
+                if stage_mult(cg, places[e.dst], i) and i not in out:
+                    out[i] = 1
+    return sorted(out.items())
+
+
+def evaluate(cg: CostedGraph, d: Decision) -> Breakdown:
+    cand = cg.candidate
+    m, v, p = cand.num_microbatches, cand.virtual_stages, cand.pp
+    places = {n.name: n.place for n in cg.nodes}
+    idx = {n.name: d.strategy[n.name] for n in cg.nodes}
+    block_units = [n for n in cg.nodes if n.place == "block"]
+    t_list, mem_list, brk_list, host_list, over = [], [], [], [], []
+    comp_list, comm_list, off_list, q_list = [], [], [], []
+    for i, st in enumerate(cg.stages):
+        dev = st.device
+        compute = sum(stage_mult(cg, n.place, i) * n.compute_s[dev][idx[n.name]] for n in cg.nodes)
+        comm = 0.0
+        for e in cg.edges:
+            k = edge_mult(cg, e, places[e.dst], i)
+            if k:
+                comm += k * e.cost_s[idx[e.src]][idx[e.dst]]
+        F = sum(n.forward_s[dev][idx[n.name]] for n in block_units)
+        A = sum(n.act_bytes[idx[n.name]] for n in block_units)
+        C = sum(cg.node(u).out_bytes[idx[u]] for u in cg.chain_outputs)
+        r, o = d.recompute[i], d.offload_act[i]
+        base = compute + comm + r * F
+        hb = cg.host_bw.get(dev, 0.0)
+        aoff = (o * 2 * (A - C) / hb) if (o and hb > 0) else 0.0
+        t = max(base, aoff)
+        state_mem = working = overlap = sync = step = host = 0.0
+        for n in cg.nodes:
+            sync += stage_mult(cg, n.place, i) * n.tp_sync_s[idx[n.name]]
+            if n.state is None:
+                continue
+            sc = n.state[dev][idx[n.name]][d.config[group_of(n)]]
+            for (j, k) in param_holders(cg, n):
+                if j != i:
+                    continue
+                state_mem += k * sc.memory_bytes
+                host += k * sc.host_bytes
+                working += sc.working_bytes
+                overlap += k * sc.overlap_s
+                sync += k * sc.sync_s
+                step += k * sc.step_s
+        act = sum(stage_mult(cg, n.place, i) * n.act_bytes[idx[n.name]] for n in cg.nodes)
+        act_total = st.inflight * (act - (r + o) * (A - C))
+        host += st.inflight * o * (A - C)
+        memory = state_mem + working + act_total
+        exp_a = max(0.0, overlap - m * t)
+        exp_g = max(0.0, sync - BACKWARD_SHARE * t)
+        q_list.append(exp_a + exp_g + step)
+        t_list.append(t)
+        mem_list.append(memory)
+        host_list.append(host)
+        brk_list.append({"training_state": state_mem, "working": working, "activations": act_total})
+        over.append(max(0.0, memory - st.capacity_bytes) + max(0.0, host - st.host_capacity_bytes))
+        comp_list.append(compute + r * F)
+        comm_list.append(comm)
+        off_list.append(t - base)
+    t_max = max(t_list)
+    crit = t_list.index(t_max)
+    p2p = 0.0
+    if p > 1:
+        nbytes = sum(cg.node(u).out_bytes[idx[u]] for u in cg.chain_outputs)
+        p2p = 2 * (v * p - 1) * (cg.p2p_latency_s + nbytes * cg.p2p_s_per_byte)
+    q = max(q_list)
+    T = m * t_max + (sum(t_list) - t_max) / v + p2p + q
+    feasible = all(x <= 0 for x in over) and math.isfinite(T)
+    return Breakdown(
+        step_time_s=T, stage_time_s=tuple(t_list), compute_s=m * comp_list[crit],
+        communication_s=m * comm_list[crit] + p2p + (q - 0.0 if q else 0.0),
+        bubble_s=(sum(t_list) - t_max) / v, offload_s=m * off_list[crit],
+        memory_bytes=tuple(mem_list), memory_breakdown=tuple(brk_list), host_bytes=tuple(host_list),
+        feasible=feasible, over=tuple(over))
+
+
+def memory_lower_bound(cg: CostedGraph) -> tuple[float, ...]:
+    """Per pipeline rank, bytes no decision can go below: each parameter node at its
+    smallest (strategy, state config), every block recomputed or offloaded (only its
+    checkpoint C stays), every other unit at its smallest saved activation. A candidate whose
+    bound exceeds the capacity is infeasible without building its ILP."""
+    out = []
+    block_ckpt = sum(min(cg.node(u).out_bytes) for u in cg.chain_outputs)
+    for i, st in enumerate(cg.stages):
+        dev = st.device
+        state = 0.0
+        act = 0.0
+        for n in cg.nodes:
+            k = stage_mult(cg, n.place, i)
+            if k and n.place != "block":
+                act += k * min(n.act_bytes)
+            if n.state is None:
+                continue
+            for j, kk in param_holders(cg, n):
+                if j == i:
+                    state += min(kk * sc.memory_bytes + sc.working_bytes for row in n.state[dev] for sc in row)
+        act += st.num_blocks * block_ckpt if any(n.place == "block" for n in cg.nodes) else 0.0
+        if not any(n.place == "block" for n in cg.nodes):
+            act = sum(stage_mult(cg, n.place, i) * min(n.act_bytes) for n in cg.nodes)
+        out.append(state + st.inflight * act)
+    return tuple(out)
