@@ -242,6 +242,12 @@ class Plan:
             raise PlanError(f"predicted.memory_per_device_bytes has "
                             f"{len(self.predicted.memory_per_device_bytes)} entries for {ws} devices")
 
+    def __str__(self) -> str:
+        """The readable summary (``autopar show``); ``repr`` stays the exact dataclass form."""
+        from autopar.show import summary
+
+        return summary(self)
+
     # -- convenience reads (no behaviour beyond looking things up) ----------------------
     @property
     def world_size(self) -> int:
