@@ -1,0 +1,853 @@
+"""apply_plan: (captured Graph or module, Plan) -> a ParallelModule that trains on N ranks exactly.
+
+How a plan is executed (in this order, each a small function below):
+
+1. ``plan_steps`` (pure, :mod:`autopar.runtime.steps`) turns the plan into per-node steps and
+   checks it; a plan it cannot run exactly is refused there with the node/param at fault.
+2. ``build_mesh`` makes the (pp, dp, tp) DeviceMesh; placements live on this rank's (dp, tp)
+   stage submesh.
+3. ``_materialize_params``: each rank keeps only its local shard of its stage's parameters, as
+   ``torch.distributed.tensor`` DTensors with the *storage* placements (ZeRO: ``S(0)`` on dp).
+   A model built on the meta device is initialised one owning module at a time on the host
+   (``reset_parameters`` under a per-module seed derived from ``seed``), sliced, and dropped:
+   the extra host memory is the largest single module's parameters. :func:`materialize` does the
+   same to an unsharded model, which is the single-device reference for the same seed.
+4. ``Executor`` walks the steps like an ``fx.Interpreter``: it redistributes each node's inputs to
+   the planned placements, gathers ZeRO-3 parameters at use (the all-gather's backward is a
+   reduce-scatter: FSDP), runs the node on DTensors (global semantics; DTensor inserts nothing
+   the plan did not ask for except inside ops it must), and makes the outputs the planned
+   placements. Blocks with ``recompute="full"`` run under ``torch.utils.checkpoint``; blocks with
+   ``offload_activations`` save their activations on the host (saved-tensor hooks). Where
+   DTensor has no rule for an op under the given placements (CPU SDPA is run head-parallel on
+   local shards instead), the op runs on whole tensors - always correct, costs a gather - and
+   the node is listed in ``Executor.fallbacks``.
+5. Gradients: a Replicate parameter read with batch-sharded activations gets a ``Partial`` grad
+   from DTensor (a pending sum over dp). ``sync_grads`` makes every grad the parameter's storage
+   placement (all-reduce, or reduce-scatter for ZeRO) before the optimizer runs; a post-accumulate
+   hook does it for plain ``loss.backward()`` too; on the last microbatch the dp all-reduces
+   start inside the backward (overlapped, like DDP).
+6. The optimizer steps on plain local views of the shards (host copies for offloaded optimizer
+   state, ZeRO-Offload), see :meth:`ParallelModule.optimizer_params`.
+7. Pipelines (``plan.pipeline.stages``) run through :mod:`autopar.runtime.pipeline`
+   (torch.distributed.pipelining: GPipe, 1F1B, interleaved 1F1B).
+
+Inputs to ``train_step`` and ``forward`` are the GLOBAL batch, identical on every rank (each rank
+takes its rows). ``optimizer`` is a ``torch.optim`` instance built over ``model.parameters()`` or
+a factory ``lambda params: torch.optim.Adam(params, lr=...)``; a factory is needed for
+optimizer-state offload on a GPU (the optimizer must be built over host copies).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import zlib
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Partial as DPartial
+from torch.distributed.tensor import Replicate as DReplicate
+from torch.distributed.tensor import Shard as DShard
+
+from autopar.graph import Graph, capture
+from autopar.placements import Replicate as _Rep
+from autopar.placements import to_dtensor_placement
+from autopar.plan import Plan
+from autopar.runtime.mesh import RankMesh, build_mesh
+from autopar.runtime.steps import NodeStep, Program, RuntimeRefusal, plan_steps
+
+_R = _Rep()
+
+
+def _dt(pl) -> list:
+    return [to_dtensor_placement(p) for p in pl]
+
+
+# ---------------------------------------------------------------------------------------
+# parameter materialisation
+
+
+def _module_seed(seed: int, module_path: str) -> int:
+    return zlib.crc32(f"{seed}:{module_path}".encode()) & 0x7FFFFFFF
+
+
+def _init_owner(module: nn.Module, owner: str, seed: int) -> nn.Module:
+    """A host copy of submodule ``owner`` with freshly reset parameters (deterministic per path)."""
+    mod = module.get_submodule(owner) if owner else module
+    if not hasattr(mod, "reset_parameters"):
+        raise RuntimeRefusal(
+            f"module {owner or type(module).__name__!r} ({type(mod).__name__}) is on the meta device and "
+            f"has no reset_parameters(): autopar cannot initialise it shard by shard; build the model "
+            f"with real weights or give it reset_parameters()"
+        )
+    clone = copy.deepcopy(mod).to_empty(device="cpu", recurse=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_module_seed(seed, owner))
+        with torch.no_grad():
+            clone.reset_parameters()
+    return clone
+
+
+def materialize(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give a meta-device model real host weights, as apply_plan(seed=seed) initialises its shards.
+
+    Every module that directly owns parameters is reset with ``reset_parameters`` under the seed
+    ``crc32(f"{seed}:{path}")``, so values do not depend on sharding or on initialisation order.
+    Returns the module (modified in place).
+    """
+    owners = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        owner, _, pname = name.rpartition(".")
+        owners.setdefault(owner, []).append(pname)
+    done: dict[int, torch.Tensor] = {}
+    for owner, pnames in owners.items():
+        mod = module.get_submodule(owner) if owner else module
+        if not any(getattr(mod, n).is_meta for n in pnames):
+            continue
+        fresh = _init_owner(module, owner, seed)
+        for n in pnames:
+            old = getattr(mod, n)
+            if id(old) in done:
+                setattr(mod, n, done[id(old)])
+                continue
+            new = nn.Parameter(getattr(fresh, n).detach().clone(), requires_grad=old.requires_grad)
+            done[id(old)] = new
+            setattr(mod, n, new)
+    for name, b in module.named_buffers():
+        if b.is_meta:
+            raise RuntimeRefusal(f"buffer {name!r} is on the meta device; autopar cannot recreate buffers")
+    return module
+
+
+def _local_slice(full: torch.Tensor, mesh, placements) -> torch.Tensor:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(full.shape, mesh, placements)
+    idx = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+    return full[idx] if idx else full
+
+
+# ---------------------------------------------------------------------------------------
+# activation offload (saved-tensor hooks that understand DTensors)
+
+
+def _offload_hooks(device: torch.device):
+    """Keep saved activations on the host; on a CPU run the copies are no-ops (same tensor)."""
+    host = torch.device("cpu")
+
+    def pack(t):
+        if isinstance(t, DTensor):
+            loc = t._local_tensor.detach()
+            return ("dt", loc.to(host, non_blocking=True), t.device_mesh, t.placements, t.shape, t.stride())
+        return ("t", t.to(host, non_blocking=True), t.device)
+
+    def unpack(packed):
+        if packed[0] == "dt":
+            _, loc, mesh, pl, shape, stride = packed
+            return DTensor.from_local(loc.to(device, non_blocking=True), mesh, pl, run_check=False,
+                                      shape=shape, stride=stride)
+        _, t, dev = packed
+        return t.to(dev, non_blocking=True)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+# ---------------------------------------------------------------------------------------
+# the executor
+
+
+def _is_sdpa(target) -> bool:
+    return target is F.scaled_dot_product_attention or (
+        isinstance(target, torch._ops.OpOverload) and "scaled_dot_product" in str(target)
+    ) or (isinstance(target, torch._ops.OpOverloadPacket) and "scaled_dot_product" in str(target))
+
+
+def _is_assert(target) -> bool:
+    name = getattr(target, "__name__", "") or str(target)
+    return "_assert_tensor_metadata" in name or "_assert_async" in name or "sym_constrain_range" in name
+
+
+def _replicated_fallback(target, args, kwargs, mesh):
+    """An op DTensor has no sharding rule for: run it on whole (replicated) tensors.
+
+    Always correct (``full_tensor`` is differentiable; its backward takes each rank's part of
+    the gradient) but it gathers the inputs, so the plan's placements for this node cost an
+    all-gather; the result is Replicate and then made the planned output placement.
+    """
+    def full(x):
+        return x.full_tensor() if isinstance(x, DTensor) else x
+
+    args = torch.utils._pytree.tree_map(full, args)
+    kwargs = torch.utils._pytree.tree_map(full, kwargs)
+    out = target(*args, **kwargs)
+    return torch.utils._pytree.tree_map(
+        lambda t: DTensor.from_local(t, mesh, [DReplicate()] * mesh.ndim, run_check=False)
+        if isinstance(t, torch.Tensor) else t, out)
+
+
+def _local_sdpa(target, args, kwargs):
+    """SDPA on DTensors is batch- and head-parallel: run it on local shards.
+
+    DTensor has no CPU SDPA rule, so the plan's head-parallel choice (q/k/v ``S(0)``/``S(1)`` on
+    (B, H, T, D)) is executed here directly; any other placement is first made Replicate on
+    that axis (correct, and the plan's own redistribution already happened before).
+    """
+    q, k, v = args[:3]
+    if not isinstance(q, DTensor):
+        return target(*args, **kwargs)
+    mesh = q.device_mesh
+    pl = []
+    for p in q.placements:
+        pl.append(p if isinstance(p, DShard) and p.dim in (0, 1) else DReplicate())
+    rest = list(args[3:])
+    mask = kwargs.get("attn_mask", rest[0] if rest else None)
+    if isinstance(mask, DTensor) or (isinstance(mask, torch.Tensor) and mask.dim() >= 3):
+        pl = [DReplicate()] * len(pl)  # a per-batch/head mask would need slicing too; keep it simple
+    locs = []
+    for t in (q, k, v):
+        t = t.redistribute(mesh, pl) if tuple(t.placements) != tuple(pl) else t
+        locs.append(t.to_local())
+    rest = [r.full_tensor() if isinstance(r, DTensor) else r for r in rest]
+    kw = {k_: (v_.full_tensor() if isinstance(v_, DTensor) else v_) for k_, v_ in kwargs.items()}
+    out = target(*locs, *rest, **kw)
+    return DTensor.from_local(out, mesh, pl, run_check=False)  # shards are even (checked by the plan)
+
+
+class _GradAs(torch.autograd.Function):
+    """Identity whose backward makes the gradient ``placements`` first.
+
+    DTensor cannot turn a ``Partial`` gradient into the ``MaskPartial`` that a vocab-parallel
+    embedding's output had (the backward of its redistribution); making the gradient the
+    forward output's own placement first (an all-reduce when it is Partial) avoids that path.
+    """
+
+    @staticmethod
+    def forward(ctx, x, placements):
+        ctx.placements = placements
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if isinstance(g, DTensor) and tuple(g.placements) != tuple(ctx.placements):
+            g = g.redistribute(g.device_mesh, ctx.placements)
+        return g, None
+
+
+class Executor:
+    """Runs a stage's :class:`NodeStep` s on DTensors (see module docstring, step 4)."""
+
+    def __init__(self, gm: fx.GraphModule, program: Program, rmesh: RankMesh, params: dict,
+                 stage: int):
+        self.gm = gm
+        self.program = program
+        self.rmesh = rmesh
+        self.mesh = rmesh.stage_mesh
+        self.params = params  # fqn -> storage nn.Parameter (DTensor), this rank's stages only
+        self.stage = stage
+        self.fx_nodes = {n.name: n for n in gm.graph.nodes}
+        self.steps = program.steps_of_stage(stage)
+        self.step_compute: dict[str, Any] = {}
+        self.fallbacks: dict[str, str] = {}  # node -> why it ran on whole tensors
+        self._segments = self._make_segments()
+        self._owner: dict[str, dict[str, str]] = {}  # call_module node -> {local param name: fqn}
+        for s in self.steps:
+            n = self.fx_nodes[s.node]
+            if n.op == "call_module":
+                names = {}
+                sub = gm.get_submodule(n.target)
+                for pname, _ in sub.named_parameters(remove_duplicate=False):
+                    fqn = program_alias(program, f"{n.target}.{pname}", gm)
+                    names[pname] = fqn
+                self._owner[s.node] = names
+
+    # -- segments: consecutive steps with the same (block, recompute, offload) policy
+    def _make_segments(self):
+        segs = []
+        for s in self.steps:
+            key = (s.block, s.recompute, s.offload_activations)
+            if segs and segs[-1][0] == key and (s.recompute or s.offload_activations):
+                segs[-1][1].append(s)
+            else:
+                segs.append((key, [s]))
+        return segs
+
+    # -- values
+    def wrap(self, t: Any, placements=(_R, _R)) -> Any:
+        """A rank-identical plain tensor (inputs sliced by caller, constants) as a DTensor."""
+        if isinstance(t, torch.Tensor) and not isinstance(t, DTensor):
+            return DTensor.from_local(t, self.mesh, _dt(placements), run_check=False)
+        return t
+
+    def param_value(self, fqn: str, step: NodeStep | None = None):
+        p = self.params[fqn]
+        lay = self.program.params[fqn]
+        if lay.gather == "none":
+            return p
+        if lay.gather == "step":
+            return self.step_compute[fqn]
+        return p.redistribute(self.mesh, _dt(lay.compute))  # ZeRO-3: gather at use
+
+    def begin_step(self) -> None:
+        """ZeRO-1/2: gather this stage's parameters once (inside autograd: grads reduce-scatter)."""
+        self.step_compute = {
+            fqn: self.params[fqn].redistribute(self.mesh, _dt(lay.compute))
+            for fqn, lay in self.program.params.items()
+            if lay.gather == "step" and fqn in self.params
+            and (len(self.program.stages) <= 1 or lay.stage == self.stage)
+        }
+
+    def run(self, env: dict) -> dict:
+        """Run this stage's steps; ``env`` maps value names to values (updated and returned)."""
+        for (block, recompute, offload), steps in self._segments:
+            ctx = _offload_hooks(self.rmesh.device) if offload else contextlib.nullcontext()
+            with ctx:
+                if recompute and torch.is_grad_enabled():
+                    self._run_checkpointed(steps, env)
+                else:
+                    for s in steps:
+                        env[s.node] = self._run_step(s, env)
+        return env
+
+    def _run_checkpointed(self, steps: list[NodeStep], env: dict) -> None:
+        from torch.utils.checkpoint import checkpoint
+
+        inside = {s.node for s in steps}
+        ext: list[str] = []
+        for s in steps:
+            for a in self.fx_nodes[s.node].all_input_nodes:
+                if a.name not in inside and a.op != "get_attr" and a.name not in ext:
+                    ext.append(a.name)
+        outs = [s.node for s in steps if any(u.name not in inside for u in self.fx_nodes[s.node].users)]
+
+        def fn(*vals):
+            local = dict(zip(ext, vals))
+            for s in steps:
+                local[s.node] = self._run_step(s, local)
+            return tuple(local[o] for o in outs)
+
+        res = checkpoint(fn, *[env[e] for e in ext], use_reentrant=False)
+        env.update(zip(outs, res))
+
+    def _run_step(self, s: NodeStep, env: dict):
+        n = self.fx_nodes[s.node]
+        moved = {}
+        for src, mv in zip(s.inputs, s.moves):
+            if mv is not None and isinstance(env.get(src), DTensor):
+                moved[src] = env[src].redistribute(self.mesh, _dt(mv.dst))
+
+        def load(a: fx.Node):
+            if a.op == "get_attr":
+                fqn = program_alias(self.program, str(a.target), self.gm)
+                if fqn in self.params:
+                    return self.param_value(fqn, s)
+                return _get_attr(self.gm, str(a.target))
+            return moved[a.name] if a.name in moved else env[a.name]
+
+        try:
+            args = fx.node.map_arg(n.args, load)
+            kwargs = fx.node.map_arg(n.kwargs, load)
+            if n.op == "call_module" and str(n.target).startswith("_guards"):
+                return None  # torch.export's input guards (shape checks of the example batch)
+            if n.op == "call_module":
+                sub = self.gm.get_submodule(n.target)
+                names = self._owner.get(s.node, {})
+                if any(self.program.params[f].gather != "none" for f in names.values() if f in self.program.params):
+                    vals = {pn: self.param_value(f, s) for pn, f in names.items() if f in self.params}
+                    out = torch.func.functional_call(sub, vals, tuple(args), kwargs, strict=False)
+                else:
+                    out = sub(*args, **kwargs)
+            elif n.op == "call_function":
+                if _is_sdpa(n.target):
+                    out = _local_sdpa(n.target, args, kwargs)
+                elif _is_assert(n.target):  # export's metadata checks: no data, no sharding rule
+                    return None
+                elif "wrap_with_set_grad_enabled" in str(n.target):  # export HOP: run its body
+                    with torch.set_grad_enabled(bool(args[0])):  # body has export asserts: run whole
+                        out = _replicated_fallback(args[1], tuple(args[2:]), kwargs, self.mesh)
+                else:
+                    fn = n.target
+                    if fn in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default):
+                        fn = torch.ops.aten.reshape.default  # as for the method form below
+                    out = self._call_with_fallback(s, fn, args, kwargs)
+            elif n.op == "call_method":
+                # view -> reshape: same values, but reshape's backward copies a non-contiguous
+                # local gradient shard where view's backward fails on it under DTensor
+                meth = "reshape" if n.target == "view" and isinstance(args[0], DTensor) else n.target
+                out = self._call_with_fallback(
+                    s, lambda obj, *a, **k: getattr(obj, meth)(*a, **k), args, kwargs)
+            else:
+                raise RuntimeRefusal(f"unexpected op {n.op!r} in a compute step")
+            return self._make_outputs(s, out)
+        except (RuntimeRefusal, _StopRecompute):
+            raise
+        except Exception as e:
+            raise RuntimeError(
+                f"autopar runtime: node {n.format_node()} failed under placements "
+                f"in={[str(m) if m else 'as-is' for m in s.moves]} out="
+                f"{['(' + ','.join(map(str, o)) + ')' for o in s.outputs]}: {type(e).__name__}: {e}"
+            ) from e
+
+    def _call_with_fallback(self, s: NodeStep, fn, args, kwargs):
+        """Run ``fn`` on DTensors; if DTensor has no rule for it under these placements (no
+        sharding strategy, or a view that cannot be expressed on the shards), run it on whole
+        tensors instead (always correct; the gather is the cost) and note the node in
+        ``self.fallbacks`` so the cost can be seen."""
+        try:
+            return fn(*args, **kwargs)
+        except _StopRecompute:
+            raise
+        except (NotImplementedError, RuntimeError) as e:
+            if not any(isinstance(a, DTensor) for a in torch.utils._pytree.tree_leaves((args, kwargs))):
+                raise
+            self.fallbacks[s.node] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            return _replicated_fallback(fn, args, kwargs, self.mesh)
+
+    def _make_outputs(self, s: NodeStep, out):
+        if isinstance(out, torch.Tensor):
+            out = self.wrap(out, (_R, _R))
+            want = _dt(s.outputs[0]) if s.outputs else None
+            if want is not None and isinstance(out, DTensor) and tuple(out.placements) != tuple(want):
+                special = any(p.is_partial() and type(p) is not DPartial for p in out.placements)
+                out = out.redistribute(self.mesh, want)
+                if special:
+                    out = _GradAs.apply(out, tuple(want))
+            if isinstance(out, DTensor) and out.requires_grad:
+                # DTensor's backward of a view (unflatten, flatten) calls view() on the local
+                # gradient shard, which fails when that shard is strided (it arrives transposed
+                # from a transpose's backward): keep every node's incoming gradient dense.
+                out.register_hook(_dense_grad)
+            return out
+        if isinstance(out, (tuple, list)) and len(out) == len(s.outputs) and all(
+                isinstance(o, torch.Tensor) for o in out):
+            res = []
+            for o, pl in zip(out, s.outputs):
+                o = self.wrap(o, (_R, _R))
+                want = _dt(pl)
+                res.append(o.redistribute(self.mesh, want) if tuple(o.placements) != tuple(want) else o)
+            return type(out)(res) if isinstance(out, tuple) else res
+        return out
+
+
+try:  # checkpoint's early-stop signal must pass through untouched
+    from torch.utils.checkpoint import _StopRecomputationError as _StopRecompute
+except ImportError:  # pragma: no cover
+    class _StopRecompute(Exception):
+        pass
+
+
+def _dense_grad(g):
+    # DTensor.contiguous() looks at the global layout and can return the strided shard as is
+    if isinstance(g, DTensor) and not g._local_tensor.is_contiguous():
+        return DTensor.from_local(g._local_tensor.contiguous(), g.device_mesh, g.placements,
+                                  run_check=False, shape=g.shape, stride=g.stride())
+    return g
+
+
+def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
+    """Make the gradient arriving at ``t`` contiguous: DTensor's to_local backward views it
+    into the global layout and fails on a strided gradient (e.g. from ``flatten`` in a loss)."""
+    if t.requires_grad:
+        t.register_hook(lambda g: g.contiguous())
+    return t
+
+
+def _get_attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def program_alias(program: Program, name: str, gm: fx.GraphModule) -> str:
+    """Canonical fqn of a (possibly tied) parameter name (aliases recorded on the local gm)."""
+    aliases = getattr(gm, "_autopar_aliases", {})
+    return aliases.get(name, name)
+
+
+# ---------------------------------------------------------------------------------------
+# the module
+
+
+class ParallelModule(nn.Module):
+    """The model as this rank runs it under a Plan.
+
+    - ``train_step(inputs, targets, loss_fn, optimizer) -> loss``: one global batch (all
+      microbatches, grads made exact, optimizer step); returns the global-batch loss as a 0-dim
+      tensor, equal on every rank. Works for every plan, pipelines included.
+    - ``forward(*inputs)``: the full (global) output on every rank; ``loss_fn(model(x), y).backward()``
+      then gives exact grads (plans without pipeline stages only).
+    - ``parameters()``: this rank's storage shards (DTensors) - build optimizers over these.
+    - ``full_state_dict()``: gathered, unsharded parameters by fqn (for tests; all ranks of a
+      stage take part, pipelines gather over pp as well).
+    """
+
+    def __init__(self, graph: Graph, plan: Plan, program: Program, rmesh: RankMesh, gm: fx.GraphModule,
+                 params: dict):
+        super().__init__()
+        self.plan = plan
+        self.graph = graph
+        self.program = program
+        self.rmesh = rmesh
+        self.gm = gm  # registered: its parameters are this rank's storage shards
+        self.local_stages = program.local_stages(rmesh.coords["pp"], plan.mesh["pp"])
+        self.local_params = params
+        self.executors = {s: Executor(gm, program, rmesh, params, s) for s in self.local_stages}
+        self.executor = self.executors[self.local_stages[0]]
+        self._defer_sync = False
+        self._overlap = False  # set during the last microbatch's backward (see _grad_hook)
+        self._pending: dict[str, Any] = {}  # fqn -> async all-reduce work
+        self._opt = None
+        self._opt_key = None
+        self._views: dict[str, nn.Parameter] = {}  # optimizer's plain views
+        self._pipeline = None
+        for fqn, p in params.items():
+            p.register_post_accumulate_grad_hook(self._grad_hook(fqn))
+
+    @property
+    def is_pipelined(self) -> bool:
+        return len(self.program.stages) > 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.rmesh.device
+
+    # -- grads
+    def _grad_hook(self, fqn: str):
+        def hook(p):
+            if self._overlap and self._bucketable(p):
+                # last microbatch: this grad is final, start its dp all-reduce while the rest of
+                # the backward runs (DDP's overlap); sync_grads waits for it
+                self._pending[fqn] = dist.all_reduce(p.grad._local_tensor, group=self.rmesh.dp_group,
+                                                     async_op=True)
+            elif not self._defer_sync:
+                self._sync_one(fqn, p)
+        return hook
+
+    def _bucketable(self, p) -> bool:
+        g = p.grad
+        return (self.plan.mesh["dp"] > 1 and isinstance(g, DTensor) and g.placements[0].is_partial()
+                and type(g.placements[0]) is DPartial and g.placements[0].reduce_op == "sum"
+                and p.placements[0].is_replicate() and g.placements[1] == p.placements[1])
+
+    def _sync_one(self, fqn: str, p) -> None:
+        g = p.grad
+        if g is None:
+            return
+        if not isinstance(g, DTensor):
+            raise RuntimeError(f"param {fqn!r}: gradient is a plain tensor, expected a DTensor")
+        if tuple(g.placements) != tuple(p.placements):
+            p.grad = g.redistribute(p.device_mesh, p.placements)
+
+    def sync_grads(self) -> None:
+        """Make every grad equal to its parameter's storage placement (dp all-reduce etc.).
+
+        The common case - a grad that is ``Partial`` on dp where the parameter is ``Replicate``,
+        equal on tp - is an all-reduce on the local grad (no DTensor dispatch, no copy), started
+        during the backward of the last microbatch by the grad hook (overlapped, as DDP does) or
+        here; everything else goes through DTensor's redistribute.
+        """
+        works = dict(self._pending)
+        self._pending.clear()
+        for fqn, p in self.local_params.items():
+            if fqn in works:
+                continue
+            if self._bucketable(p):
+                works[fqn] = dist.all_reduce(p.grad._local_tensor, group=self.rmesh.dp_group, async_op=True)
+            else:
+                self._sync_one(fqn, p)
+        for fqn, w in works.items():
+            w.wait()
+            p = self.local_params[fqn]
+            p.grad = DTensor.from_local(p.grad._local_tensor, p.device_mesh, p.placements, run_check=False,
+                                            shape=p.shape, stride=p.stride())
+
+    # -- data
+    def _shard_batch(self, x: Any) -> Any:
+        """This dp rank's rows of a global-batch tensor."""
+        if not isinstance(x, torch.Tensor):
+            return x
+        dp, i = self.plan.mesh["dp"], self.rmesh.coords["dp"]
+        x = x.to(self.device)
+        if dp == 1:
+            return x
+        if x.shape[0] % dp:
+            raise RuntimeRefusal(f"batch of {x.shape[0]} rows does not split evenly over dp={dp}")
+        return x.chunk(dp, dim=0)[i]
+
+    def _forward_dt(self, inputs: Sequence[Any]) -> DTensor:
+        if len(inputs) != len(self.program.graph_inputs):
+            raise TypeError(f"model takes {len(self.program.graph_inputs)} inputs "
+                            f"{list(self.program.graph_inputs)}, got {len(inputs)}")
+        ex = self.executor
+        env = {name: ex.wrap(self._shard_batch(x), self.program.input_placement)
+               for name, x in zip(self.program.graph_inputs, inputs)}
+        ex.begin_step()
+        ex.run(env)
+        out = env[self.program.output]
+        if not isinstance(out, DTensor):
+            out = ex.wrap(out, (_R, _R))
+        want = _dt(self.program.output_placement)
+        return out.redistribute(ex.mesh, want) if tuple(out.placements) != tuple(want) else out
+
+    def forward(self, *inputs):
+        if self.is_pipelined:
+            raise RuntimeError(
+                f"this plan is a {len(self.program.stages)}-stage pipeline ({self.program.schedule}): "
+                f"call model.train_step(inputs, targets, loss_fn, optimizer) instead of model(x); "
+                f"a pipeline interleaves forward and backward over microbatches"
+            )
+        return self._forward_dt(inputs).full_tensor()
+
+    # -- training
+    def _optimizer(self, optimizer) -> torch.optim.Optimizer:
+        if isinstance(optimizer, torch.optim.Optimizer):
+            ours = {id(p) for p in self.parameters()} | {id(p) for p in self._views.values()}
+            for g in optimizer.param_groups:
+                for p in g["params"]:
+                    if id(p) not in ours:
+                        raise ValueError(
+                            "optimizer holds parameters that are not this ParallelModule's: build it "
+                            "over model.parameters() after apply_plan, or pass a factory "
+                            "`lambda params: torch.optim.Adam(params, lr=...)`")
+            if self._offloaded() and self.device.type != "cpu":
+                raise ValueError("this plan offloads optimizer state to the host: pass an optimizer "
+                                 "factory `lambda params: ...` so autopar builds it over host copies")
+            return optimizer
+        if not callable(optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or a factory, got {type(optimizer)}")
+        if self._opt is None or self._opt_key is not optimizer:
+            self._opt = optimizer(self.optimizer_params())
+            self._opt_key = optimizer
+        return self._opt
+
+    def _offloaded(self) -> list[str]:
+        return [f for f in self.local_params if "optimizer_state" in self.program.params[f].offload]
+
+    def optimizer_params(self) -> list[nn.Parameter]:
+        """What an optimizer factory is called with: plain tensors holding this rank's shards.
+
+        The optimizer steps on each parameter's LOCAL shard as a plain tensor (no DTensor
+        dispatch per optimizer op): exact for elementwise optimizers (Adam, AdamW, SGD - what a
+        Plan's ``training.optimizer`` names) on any placement, and for any optimizer on
+        replicated parameters. The views share storage with the shards, so nothing is copied.
+        ZeRO-Offload: for parameters whose optimizer state is offloaded, the view is a host (CPU)
+        copy instead; the step runs there and the result is copied back (on a CPU run the
+        "copy" is the shard itself).
+        """
+        offloaded = set(self._offloaded())
+        out = []
+        for fqn, p in self.local_params.items():
+            if fqn not in self._views:
+                loc = p._local_tensor.detach()
+                if fqn in offloaded and loc.device.type != "cpu":
+                    loc = loc.cpu()
+                self._views[fqn] = nn.Parameter(loc, requires_grad=p.requires_grad)
+            out.append(self._views[fqn])
+        return out
+
+    def _optimizer_step(self, opt: torch.optim.Optimizer) -> None:
+        for fqn, h in self._views.items():
+            g = self.local_params[fqn].grad
+            h.grad = None if g is None else g._local_tensor.to(h.device)
+        opt.step()
+        with torch.no_grad():
+            for fqn, h in self._views.items():
+                loc = self.local_params[fqn]._local_tensor
+                if loc.data_ptr() != h.data_ptr():
+                    loc.copy_(h.detach(), non_blocking=True)
+
+    def train_step(self, inputs, targets, loss_fn: Callable, optimizer, *, loss_over: str = "shard") -> torch.Tensor:
+        """One optimizer step on one global batch; returns the global-batch loss on every rank.
+
+        ``loss_over="shard"`` (the plan contract): each dp rank computes ``loss_fn`` on its rows
+        (per microbatch) and the results are averaged: exact for mean-reduced losses, which see
+        equal shards. For a loss that is not a plain mean over rows (``ignore_index`` in a
+        masked-LM loss, sums), pass ``loss_over="global"``: the output is gathered over dp and the
+        loss computed once on the whole batch (an all-gather of the output; no pipeline and one
+        microbatch only).
+        """
+        if loss_over not in ("shard", "global"):
+            raise ValueError(f"loss_over must be 'shard' or 'global', got {loss_over!r}")
+        if loss_over == "global" and (self.is_pipelined or self.program.num_microbatches > 1):
+            raise RuntimeRefusal(
+                f"loss_over='global' needs the whole batch in one forward; this plan has "
+                f"{len(self.program.stages)} stage(s) and {self.program.num_microbatches} microbatches")
+        if isinstance(inputs, torch.Tensor) or not isinstance(inputs, (tuple, list)):
+            inputs = (inputs,)
+        opt = self._optimizer(optimizer)
+        opt.zero_grad(set_to_none=True)
+        for p in self.local_params.values():
+            p.grad = None
+        if self.is_pipelined:
+            from autopar.runtime.pipeline import pipeline_step
+
+            loss = pipeline_step(self, inputs, targets, loss_fn)
+        else:
+            loss = self._accumulate(inputs, targets, loss_fn, loss_over)
+        self._optimizer_step(opt)
+        return loss
+
+    def _accumulate(self, inputs, targets, loss_fn, loss_over: str = "shard") -> torch.Tensor:
+        if loss_over == "global":
+            self._defer_sync = True
+            try:
+                loss = loss_fn(self._forward_dt(inputs).full_tensor(), targets.to(self.device))
+                loss.backward()
+            finally:
+                self._defer_sync = False
+            self.sync_grads()
+            return loss.detach()
+        m = self.program.num_microbatches
+        dp = self.plan.mesh["dp"]
+        xs = [x.chunk(m, dim=0) if isinstance(x, torch.Tensor) else [x] * m for x in inputs]
+        ys = targets.chunk(m, dim=0)
+        total = torch.zeros((), device=self.device)
+        self._defer_sync = True
+        try:
+            for i in range(m):
+                out = _contiguous_grad(self._forward_dt([x[i] for x in xs]).to_local())
+                loss = loss_fn(out, self._shard_batch(ys[i])) / (m * dp)
+                self._overlap = i == m - 1
+                try:
+                    loss.backward()
+                finally:
+                    self._overlap = False
+                total += loss.detach()
+        finally:
+            self._defer_sync = False
+        self.sync_grads()
+        if dp > 1:
+            dist.all_reduce(total, group=self.rmesh.dp_group)
+        return total
+
+    # -- state
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded parameters by canonical fqn, on every rank (collective over all ranks)."""
+        out = {}
+        for fqn in self.graph.params:
+            p = self.local_params.get(fqn)
+            full = p.full_tensor().detach().cpu() if p is not None else None
+            if self.is_pipelined:
+                lay = self.program.params[fqn]
+                src_rank = self.program.stages[lay.stage].ranks[0]
+                buf = full if full is not None and dist.get_rank() == src_rank else \
+                    torch.empty(self.graph.params[fqn].shape, dtype=getattr(torch, self.graph.params[fqn].dtype))
+                buf = buf.to(self.device).contiguous()
+                dist.broadcast(buf, src=src_rank)
+                full = buf.cpu()
+            out[fqn] = full
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# entry point
+
+
+def _local_gm(graph: Graph) -> fx.GraphModule:
+    """A copy of graph.gm whose parameters are meta placeholders (no weight data is copied)."""
+    memo = {}
+    for _, p in graph.gm.named_parameters(remove_duplicate=False):
+        if id(p) not in memo:
+            memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), p.requires_grad)
+    gm = copy.deepcopy(graph.gm, memo)
+    aliases = dict(graph.param_aliases)
+    gm._autopar_aliases = aliases
+    return gm
+
+
+def _set_param(gm: nn.Module, fqn: str, value) -> None:
+    owner, _, name = fqn.rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    if name in mod._parameters:
+        del mod._parameters[name]
+    if isinstance(value, nn.Parameter):
+        mod.register_parameter(name, value)
+    else:
+        setattr(mod, name, value)
+
+
+def _materialize_params(graph: Graph, program: Program, rmesh: RankMesh, gm: fx.GraphModule,
+                        stages: tuple[int, ...], seed: int | None) -> dict[str, nn.Parameter]:
+    """Storage shards of these stages' parameters, installed into ``gm`` (aliases included)."""
+    src = dict(graph.gm.named_parameters(remove_duplicate=False))
+    aliases_of: dict[str, list[str]] = {}
+    for alias, canon in graph.param_aliases.items():
+        aliases_of.setdefault(canon, []).append(alias)
+    owner_cache: dict[str, nn.Module] = {}
+    params: dict[str, nn.Parameter] = {}
+    n_stages = len(program.stages)
+    for fqn, lay in program.params.items():
+        names = [fqn] + aliases_of.get(fqn, [])
+        if n_stages > 1 and lay.stage not in stages:
+            for nm in names:
+                _set_param(gm, nm, torch.empty(lay.shape, device="meta"))
+            continue
+        full = src[fqn]
+        if full.is_meta:
+            full = _init_from_owner(graph.module, fqn, seed if seed is not None else 0, owner_cache)
+        placements = _dt(lay.storage)
+        with torch.no_grad():
+            loc = _local_slice(full.detach(), rmesh.stage_mesh, placements).to(rmesh.device).clone()
+        dt = DTensor.from_local(loc, rmesh.stage_mesh, placements, run_check=False,
+                                shape=full.shape, stride=full.stride() if not full.is_meta else None)
+        p = nn.Parameter(dt, requires_grad=full.requires_grad)
+        for nm in names:
+            _set_param(gm, nm, p)
+        params[fqn] = p
+        if len(owner_cache) > 4:
+            owner_cache.clear()
+    for name, b in list(gm.named_buffers()):
+        if b.is_meta:
+            raise RuntimeRefusal(f"buffer {name!r} is on the meta device; autopar cannot recreate buffers")
+        owner, _, bname = name.rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        mod._buffers[bname] = DTensor.from_local(b.to(rmesh.device), rmesh.stage_mesh,
+                                                 [DReplicate(), DReplicate()], run_check=False)
+    return params
+
+
+def _init_from_owner(module: nn.Module, fqn: str, seed: int, cache: dict) -> torch.Tensor:
+    owner, _, pname = fqn.rpartition(".")
+    if owner not in cache:
+        cache[owner] = _init_owner(module, owner, seed)
+    return getattr(cache[owner], pname)
+
+
+def apply_plan(graph_or_module: Graph | nn.Module, plan: Plan, *, example_inputs=None,
+               device: torch.device | str | None = None, seed: int | None = None) -> ParallelModule:
+    """Build this rank's :class:`ParallelModule` for ``plan`` (call on every rank).
+
+    ``graph_or_module``: a captured Graph, or a module (then ``example_inputs``, one global batch,
+    are needed to capture it). ``seed`` initialises meta-device weights (see :func:`materialize`);
+    real weights are used as they are. Raises :class:`RuntimeRefusal` for plans it cannot run
+    exactly, naming the node or parameter at fault.
+    """
+    if isinstance(graph_or_module, Graph):
+        graph = graph_or_module
+    elif isinstance(graph_or_module, nn.Module):
+        if example_inputs is None:
+            raise TypeError("apply_plan(module, plan) needs example_inputs (one global batch) to capture it")
+        graph = capture(graph_or_module, example_inputs, ir=plan.model.ir if plan.model.ir in ("fx", "export") else "auto")
+    else:
+        raise TypeError(f"apply_plan needs a Graph or an nn.Module, got {type(graph_or_module).__name__}")
+    fp = graph.fingerprint()
+    if plan.model.fingerprint and plan.model.fingerprint != fp:
+        raise RuntimeRefusal(f"plan was made for graph fingerprint {plan.model.fingerprint}, this model's "
+                             f"is {fp} (different model, shapes or batch): re-plan it")
+    program = plan_steps(graph, plan)
+    rmesh = build_mesh(plan.mesh, device)
+    if rmesh.device.type != "cpu":
+        held = [p.name for p in plan.params if "params" in p.offload]
+        if held:
+            raise RuntimeRefusal(
+                f"params {held[:3]}{'...' if len(held) > 3 else ''} are planned with their weights "
+                f"offloaded to host memory; the runtime offloads optimizer state (and the step) and "
+                f"saved activations, not weights, on {rmesh.device.type}: re-plan without 'params' offload")
+    stages = program.local_stages(rmesh.coords["pp"], plan.mesh["pp"])
+    gm = _local_gm(graph)
+    params = _materialize_params(graph, program, rmesh, gm, stages, seed)
+    return ParallelModule(graph, plan, program, rmesh, gm, params)

@@ -1,0 +1,110 @@
+"""Process groups for a plan's mesh: one DeviceMesh ("pp", "dp", "tp") in the project's layout.
+
+Why one 3-D ``DeviceMesh``: ``init_device_mesh`` lays ranks out row-major, which is exactly
+autopar's layout ``rank = (pp_i * dp + dp_i) * tp + tp_i`` (tp innermost, so tensor-parallel
+peers share a node). Every rank then reads its pipeline group from ``mesh["pp"]`` and its stage's
+(dp, tp) submesh from ``mesh["dp", "tp"]``; the plan's placements are given on that submesh.
+
+Backends: gloo for CPU (x86 or ARM), NCCL for CUDA. Every process group gets a timeout
+(``AUTOPAR_PG_TIMEOUT_S``, default 300 s) so a dead peer ends the job instead of hanging it.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from autopar.placements import check_mesh, coords_of
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def default_device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device | str | None = None, *, timeout_s: float | None = None) -> None:
+    """Initialise the default process group once, from torchrun's env vars (or reuse it).
+
+    Needs RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment (torchrun sets them)
+    unless a group is already initialised. gloo on CPU, NCCL on CUDA.
+    """
+    if dist.is_initialized():
+        return
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"torch.distributed is not initialised and the environment lacks {missing}; launch "
+            f"with `autopar run SCRIPT --nproc N` (torchrun) or call "
+            f"torch.distributed.init_process_group first"
+        )
+    dev = torch.device(device) if device is not None else default_device()
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    t = timeout_s if timeout_s is not None else float(os.environ.get("AUTOPAR_PG_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=t))
+
+
+@dataclass(frozen=True)
+class RankMesh:
+    """This rank's view of the plan mesh.
+
+    ``mesh`` is the full 3-D DeviceMesh; ``stage_mesh`` the 2-D (dp, tp) submesh of this rank's
+    pipeline stage, on which all placements live; ``coords`` this rank's (pp, dp, tp) coordinate.
+    """
+
+    degrees: dict  # {"pp":, "dp":, "tp":}
+    mesh: object  # torch.distributed.device_mesh.DeviceMesh, dims ("pp", "dp", "tp")
+    stage_mesh: object  # DeviceMesh, dims ("dp", "tp")
+    coords: dict  # {"pp": i, "dp": j, "tp": k}
+    device: torch.device
+
+    @property
+    def pp_group(self):
+        return self.mesh["pp"].get_group()
+
+    @property
+    def dp_group(self):
+        return self.mesh["dp"].get_group()
+
+    @property
+    def tp_group(self):
+        return self.mesh["tp"].get_group()
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+
+def build_mesh(degrees: dict, device: torch.device | str | None = None) -> RankMesh:
+    """Build the (pp, dp, tp) DeviceMesh for ``degrees`` on the initialised world.
+
+    Raises if the degrees do not multiply to the world size, naming both.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        init_distributed(device)
+    world = dist.get_world_size()
+    degrees = check_mesh(dict(degrees), world)
+    dev = torch.device(device) if device is not None else default_device()
+    mesh = init_device_mesh(
+        dev.type, (degrees["pp"], degrees["dp"], degrees["tp"]), mesh_dim_names=("pp", "dp", "tp")
+    )
+    rank = dist.get_rank()
+    coords = coords_of(degrees, rank)
+    # sanity: DeviceMesh's row-major layout must equal autopar's rank layout
+    for axis in ("pp", "dp", "tp"):
+        got = mesh.get_local_rank(axis)
+        if got != coords[axis]:
+            raise RuntimeError(
+                f"DeviceMesh puts rank {rank} at {axis}={got}, autopar's layout says {coords[axis]}"
+            )
+    return RankMesh(degrees, mesh, mesh["dp", "tp"], coords, dev)
