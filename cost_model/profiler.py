@@ -14,11 +14,15 @@ What is measured (all with torch, no ISA-specific code, so it runs on x86 and AR
    ring formulas of :mod:`collectives` (the link-wide pair), and once per collective
    (``LinkSpec.collective_fits``: gloo's algorithms do not all follow the ring formulas);
    ``raw.fit_check`` records predicted vs measured for every sample.
-2. In this process, with every core: matmul time over square sizes for fp32, bf16 and fp16;
+2. In this process, with every core: matmul wall time per call over a window for square sizes in fp32, bf16, fp16;
    the fit ``t(F) = t0 + F / rate`` per dtype gives the DeviceSpec efficiency curve
    (``peak_flops = rate`` as the best sustained matmul rate, ``eff_max = 1``,
    ``flops_half = t0 * rate``); streaming bandwidth (``out = x + y``); the dispatch cost of a
-   one-element op (``op_overhead_s``). With CUDA, the same on the GPU plus pinned
+   one-element op. ``op_overhead_s`` is instead the per-op dispatch cost of DTensor training
+   (:func:`dtensor_op_overhead`, measured by the ranks: alone with every core, and n at once
+   for ``local:n``), because the runtime executes every node of a plan as DTensor ops: on a
+   CPU that is tens of microseconds per op against a few for a plain op, and it dominates
+   small models (where no ranks run, the plain op's cost is used; both are in ``raw``). With CUDA, the same on the GPU plus pinned
    host<->device copies (host link bandwidth).
 
 Limitations: timings are rank 0's, the median of a few repetitions; a host shared with
@@ -125,16 +129,18 @@ def concurrent_matmul_samples(sizes: Sequence[int], dtypes: Sequence[str], windo
             b = torch.randn(n, n).to(_torch_dtype(d))
             torch.mm(a, b)
             barrier()
-            times, start = [], time.perf_counter()
+            calls, start = 0, time.perf_counter()
             while True:
-                t = time.perf_counter()
                 torch.mm(a, b)
-                times.append(time.perf_counter() - t)
-                if time.perf_counter() - start >= window_s:
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= window_s:
                     break
-            # median per-call time: robust to a stray preemption, while every call still
-            # shares the cores with the other processes running the same loop
-            rows.append((2.0 * n ** 3, statistics.median(times)))
+            # wall time per call over the whole window, NOT the median call: with more
+            # processes than cores a process is descheduled for whole time slices, and a call
+            # shorter than a slice usually runs uninterrupted, so the median call would show
+            # a whole core's speed while the process gets only its share of the machine.
+            rows.append((2.0 * n ** 3, elapsed / calls))
         out[d] = rows
     return out
 
@@ -167,6 +173,52 @@ def op_overhead(device: str = "cpu", reps: int = 200, rounds: int = 5) -> float:
         sync()
         best = min(best, time.perf_counter() - start)
     return best / reps
+
+
+def dtensor_op_overhead(group, device: str = "cpu", chain: tuple[int, int] = (4, 24), reps: int = 10,
+                        rounds: int = 7, shared: bool = False) -> float:
+    """Per-op dispatch seconds of DTensor training, as the cost model charges it.
+
+    The runtime executes every node of a plan as DTensor ops, forward and backward. This times
+    the forward and backward of a chain of ``tanh`` on a tiny replicated DTensor over ``group``
+    at two chain lengths; the slope is one node's forward + backward dispatch (sharding
+    propagation, wrapping, autograd), nearly all overhead. The cost model charges an op
+    ``op_overhead_s`` forward and ``BACKWARD_FACTOR`` times that backward
+    (:mod:`autopar.cost_model.compute`), so the slope is divided by ``1 + BACKWARD_FACTOR``.
+    Fastest of ``rounds`` rounds (a fixed cost is best seen when nothing else interferes),
+    or, with ``shared`` (processes running at once on shared cores), the mean over all rounds,
+    which counts the time slices this process waits for the others, as a training step does."""
+    import torch
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from .compute import BACKWARD_FACTOR
+
+    mesh = DeviceMesh.from_group(group, "cuda" if device.startswith("cuda") else "cpu")
+    x = DTensor.from_local(torch.ones(4, 8, device=device), mesh, [Replicate()], run_check=False)
+    x.requires_grad_(True)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def run(k: int) -> None:
+        y = x
+        for _ in range(k):
+            y = torch.tanh(y)
+        y.sum().backward()
+
+    best = {}
+    for k in chain:
+        run(k)  # warm-up: fills DTensor's sharding-propagation cache
+        per_round = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(reps):
+                run(k)
+            sync()
+            per_round.append((time.perf_counter() - start) / reps)
+        best[k] = statistics.fmean(per_round) if shared else min(per_round)
+    short, long = chain
+    per_node = max(0.0, (best[long] - best[short]) / (long - short))
+    return per_node / (1.0 + BACKWARD_FACTOR)
 
 
 def host_copy_bandwidth(numel: int = 1 << 24) -> float:
@@ -308,8 +360,13 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
                             timeout=_dt.timedelta(seconds=cfg["timeout_s"]))
     device = f"cuda:{rank}" if use_cuda else "cpu"
     cores = os.cpu_count() or 1
-    result: dict = {"matmul": {}, "stream": {}, "collectives": {}, "threads": {}}
+    result: dict = {"matmul": {}, "stream": {}, "collectives": {}, "threads": {}, "dtensor_overhead": {}}
     try:
+        solo = dist.new_group([0])  # one process with every core: the 1-process runtime's dispatch
+        torch.set_num_threads(cores)
+        if rank == 0:
+            result["dtensor_overhead"][1] = dtensor_op_overhead(solo, device)
+        dist.barrier()
         for n in range(2, world + 1):
             group = dist.new_group(list(range(n)))
             threads = max(1, cores // n)
@@ -320,6 +377,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
                         cfg["sizes"], cfg["dtypes"], cfg["window_s"], lambda: dist.barrier(group=group))
                     dist.barrier(group=group)
                     result["stream"][n] = stream_bandwidth(cfg["stream_numel"], "cpu", reps=5)
+                dist.barrier(group=group)  # all n dispatch at once: they share the cores as in a run
+                result["dtensor_overhead"][n] = dtensor_op_overhead(group, device, shared=n > cores)
                 result["collectives"][n] = _collective_samples(rank, n, group, cfg["coll_bytes"], device)
                 result["threads"][n] = threads
             dist.barrier()
@@ -438,14 +497,25 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
                "window_s": window_s}
         say(f"starting {nproc} processes ({start_method}; gloo{'+nccl' if use_cuda else ''} on 127.0.0.1)")
         result = _run_ranks(nproc, cfg, start_method)
-    raw: dict = {"matmul": {}, "stream": {}, "collectives": {}, "threads": {"1": cores}}
-    cpu_mm = matmul_samples(matmul_sizes, dtypes, "cpu")
+    raw: dict = {"matmul": {}, "stream": {}, "collectives": {}, "threads": {"1": cores}, "op_overhead": {},
+                 "dtensor_op_overhead": dict(result.get("dtensor_overhead", {})) if result else {}}
+    # wall time per call over a window (as for the concurrent ranks), so one process is
+    # measured the way a training step experiences the cores, including waits for them
+    cpu_mm = concurrent_matmul_samples(matmul_sizes, dtypes, window_s, lambda: None)
     raw["matmul"]["1"] = cpu_mm
     say("matmul: " + ", ".join(f"{d} {max(f / t for f, t in rows) / 1e9:.1f} GFLOP/s" for d, rows in cpu_mm.items()))
     cpu_bw = stream_bandwidth(stream_numel, "cpu")
     cpu_ovh = op_overhead("cpu")
+    raw["op_overhead"]["1"] = cpu_ovh
     raw["stream"]["1"] = cpu_bw
-    say(f"stream bandwidth {cpu_bw / 1e9:.2f} GB/s, op overhead {cpu_ovh * 1e6:.1f} us")
+    dt_ovh = raw["dtensor_op_overhead"]
+
+    def ovh(n: int) -> float:
+        """Per-op cost for n processes: the DTensor dispatch the runtime pays, where measured."""
+        return max(cpu_ovh, dt_ovh.get(str(n), 0.0))
+    say(f"stream bandwidth {cpu_bw / 1e9:.2f} GB/s, op overhead {cpu_ovh * 1e6:.1f} us"
+        + (", DTensor op overhead " + ", ".join(f"{k} proc {v * 1e6:.1f} us" for k, v in sorted(dt_ovh.items()))
+           if dt_ovh else ""))
     notes = (f"per-process share with {{n}} concurrent processes x {{threads}} threads; tf32 = fp32"
              + ("" if set(dtypes) >= {"fp32", "bf16", "fp16"} else "; unmeasured dtypes copy fp32"))
 
@@ -466,7 +536,7 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
         devices = {n: gpu for n in range(1, nproc + 1)}
     else:
         devices[1] = _device_from_samples(
-            "local-cpu/1", "cpu", arch, cpu_mm, mem, cpu_bw, cpu_ovh, "none", 0.0, 0, cores,
+            "local-cpu/1", "cpu", arch, cpu_mm, mem, cpu_bw, ovh(1), "none", 0.0, 0, cores,
             prov(notes.format(n=1, threads=cores)))
 
     links: dict[int, LinkSpec] = {}
@@ -495,7 +565,7 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
                 raw["matmul"][key] = mm
                 raw["stream"][key] = result["stream"][key]
                 devices[n] = _device_from_samples(
-                    f"local-cpu/{n}", "cpu", arch, mm, mem // n, result["stream"][key], cpu_ovh, "none",
+                    f"local-cpu/{n}", "cpu", arch, mm, mem // n, result["stream"][key], ovh(n), "none",
                     0.0, 0, result["threads"][key], prov(notes.format(n=n, threads=result["threads"][key])))
                 say(f"{n} processes: per-process " + ", ".join(
                     f"{d} {devices[n].peak_flops[d] / 1e9:.1f} GFLOP/s" for d in mm))

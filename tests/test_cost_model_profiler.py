@@ -60,6 +60,9 @@ def test_profile_smoke_two_processes(tmp_path, monkeypatch):
     link = cluster.groups[0].intra_node_link
     assert link.has_fit("all_reduce") and link.has_fit("all_gather")
     assert raw["fit_check"]["2"]["per_collective"]["all_reduce"]["max_rel_err"] >= 0
+    # the per-op cost is the runtime's DTensor dispatch, measured alone and with 2 ranks at once
+    assert set(raw["dtensor_op_overhead"]) == {"1", "2"}
+    assert cluster.groups[0].device.op_overhead_s == max(raw["op_overhead"]["1"], raw["dtensor_op_overhead"]["2"])
     # local:N reads the profile back; an unmeasured count is rescaled from the largest one
     monkeypatch.setenv("AUTOPAR_PROFILE", str(out))
     assert Cluster.parse("local:2") == cluster
