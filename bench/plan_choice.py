@@ -119,6 +119,7 @@ def worker(args) -> None:
 
     init_distributed("cpu")
     ws, rank = dist.get_world_size(), dist.get_rank()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ws))  # what the profile measured
     cluster = f"local:{ws}"
     try:
         from autopar.solvers.api import solve
@@ -176,12 +177,29 @@ def main(argv=None) -> None:
     ap.add_argument("--nproc", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--models", default="mlp,gpt,llama")
+    ap.add_argument("--profile", default="",
+                    help="use this profile JSON for local:N instead of profiling now")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker or "RANK" in os.environ:
         worker(args)
         return
     from autopar.runtime.testing import run_workers
+
+    # The solver predicts local:N from a profile of this machine measured in the same run (the
+    # catalog fallback knows nothing of this host), handed to the workers via AUTOPAR_PROFILE.
+    if args.profile:
+        os.environ["AUTOPAR_PROFILE"] = os.path.abspath(args.profile)
+    else:
+        import tempfile
+
+        from autopar.cost_model.profiler import profile
+
+        path = os.path.join(tempfile.mkdtemp(prefix="autopar-plan-choice-"), "profile.json")
+        t0 = time.perf_counter()
+        profile(nproc=args.nproc, out=path, progress=lambda m: print(f"  profile: {m}", flush=True))
+        print(f"profiled this machine for local:{args.nproc} in {time.perf_counter() - t0:.1f} s", flush=True)
+        os.environ["AUTOPAR_PROFILE"] = path
 
     argv2 = list(argv if argv is not None else sys.argv[1:]) + ["--worker"]
     outs = run_workers(os.path.abspath(__file__), args.nproc, argv2, timeout_s=1800)
