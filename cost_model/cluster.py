@@ -331,6 +331,9 @@ def cluster_from_profile(data: Mapping, nproc: int) -> Cluster:
             matmul_flops_half={k: v * share for k, v in base.matmul_flops_half.items()},
             memory_bytes=max(1, int(base.memory_bytes * share)),
             memory_bandwidth=base.memory_bandwidth * share,
+            kernel_rates={k: v * share for k, v in base.kernel_rates.items()},
+            optimizer_rates={k: v * share for k, v in base.optimizer_rates.items()},
+            first_touch_bandwidth=base.first_touch_bandwidth * share,
             provenance=Provenance(source=base.provenance.source, date=base.provenance.date,
                                   host=base.provenance.host,
                                   notes=f"rescaled from the {ref}-process measurement to {nproc} processes"))

@@ -15,6 +15,14 @@ input and grad wrt weight), so ``backward = 2 x forward`` (Narayanan et al. 2021
 "backward pass is twice the forward"). Elementwise backward reads the saved input and the
 incoming gradient and writes one gradient: also taken as 2x forward (2 reads + 1 write vs
 1 read + 1 write, rounded), documented as an approximation.
+
+Whole graph nodes (:func:`node_time`) on a device the profiler measured: ELEMENTWISE / NORM /
+SOFTMAX nodes are priced at the measured elements/s of their kernel (``kernel_rates``; gelu's
+erf, silu, tanh ... are compute-bound on a CPU, far below the stream-bandwidth roofline), and
+every node the runtime executes (views included) pays the runtime's measured per-node
+overhead (``node_overhead_s``) and, for the bytes it allocates, the measured page-fault cost
+of fresh memory (``first_touch_bandwidth``). Catalog devices carry none of these and keep
+the roofline above.
 """
 from __future__ import annotations
 
@@ -62,3 +70,102 @@ def host_transfer_time(nbytes: float, device: DeviceSpec) -> float:
     if device.host_link == "none":
         return 0.0  # a CPU's memory is host memory
     return nbytes / device.host_link_bandwidth
+
+
+# --------------------------------------------------------------------------- whole graph nodes
+
+#: Graph-node kinds (``OpKind`` values) priced by a measured kernel rate where the device has one.
+_KERNEL_KINDS = ("elementwise", "norm", "softmax")
+#: target-name fragment -> measured kernel (first match wins; matched on the lower-cased target).
+_KERNEL_BY_NAME: tuple[tuple[str, str], ...] = (
+    ("gelu", "gelu"), ("erf", "gelu"), ("silu", "silu"), ("swish", "silu"), ("mish", "silu"),
+    ("softmax", "softmax"), ("tanh", "tanh"), ("sigmoid", "exp"), ("exp", "exp"), ("log", "exp"),
+    ("sqrt", "exp"), ("pow", "exp"), ("sin", "exp"), ("cos", "exp"),
+    ("norm", "layer_norm"),
+    ("mul", "mul"), ("div", "mul"), ("dropout", "mul"), ("where", "mul"),
+)
+
+
+def kernel_class(node_kind: str, target: str) -> "str | None":
+    """Which measured kernel prices a graph node: ``node_kind`` is the NodeInfo's ``OpKind``
+    value, ``target`` its target name (``"torch.nn.functional.gelu"``, ``"ln_1"`` for a
+    LayerNorm module ...). NORM nodes are ``layer_norm``, SOFTMAX ``softmax``; ELEMENTWISE nodes
+    by name (transcendental ops by their function, ``mul``-like, else ``add``); other kinds None
+    (priced on the roofline)."""
+    k = str(getattr(node_kind, "value", node_kind)).lower()
+    if k not in _KERNEL_KINDS:
+        return None
+    if k == "norm":
+        return "layer_norm"
+    if k == "softmax":
+        return "softmax"
+    name = str(target).lower()
+    for frag, kernel in _KERNEL_BY_NAME:
+        if frag in name and not (frag == "norm" and k == "elementwise" and "normal" in name):
+            return kernel
+    return "add"
+
+
+def node_time(flops: float, bytes_moved: float, elements: float, dtype, device: DeviceSpec,
+              kind: "str | None", kernel: "str | None" = None, out_bytes: float = 0.0) -> tuple[float, float]:
+    """``(forward_s, backward_s)`` of one graph node per microbatch, overheads included.
+
+    * ``kind`` is the :func:`op_time` kind, or None for a node that does no arithmetic (a view)
+      but which the runtime still executes.
+    * work: :func:`op_time` without its overhead; for ``kernel`` (:func:`kernel_class`) on a
+      device with measured ``kernel_rates``, each direction is at least ``elements`` (output
+      elements) over the measured rate of that kernel and direction (a measured rate already
+      includes the memory traffic; the max keeps a larger-than-measured roofline term).
+    * overhead: a device with a measured ``node_overhead_s`` (autopar's runtime, per node per
+      step, forward + backward) is charged that for every node, split forward : backward as
+      1 : BACKWARD_FACTOR; otherwise ``op_overhead_s`` forward and BACKWARD_FACTOR x that backward
+      for nodes that do work (the op_time convention).
+    * fresh memory: on a device with a measured ``first_touch_bandwidth``, the ``out_bytes``
+      a node's forward allocates, and the ``bytes_moved - out_bytes`` (input and parameter
+      gradients, same sizes as what it read) its backward allocates, are charged at that rate
+      (page faults of freshly mapped pages; the matmul fit and kernel rates exclude them)."""
+    if kind is None:
+        fwd = bwd = 0.0
+    else:
+        fwd = op_time(flops, bytes_moved, dtype, device, kind=kind, include_overhead=False)
+        bwd = backward_time(fwd, kind=kind)
+        rates = device.kernel_rates
+        if kernel is not None and elements > 0:
+            if rates.get(f"{kernel}_fwd"):
+                fwd = max(fwd, elements / rates[f"{kernel}_fwd"])
+            if rates.get(f"{kernel}_bwd"):
+                bwd = max(bwd, elements / rates[f"{kernel}_bwd"])
+    if device.first_touch_bandwidth > 0 and kind is not None:
+        fwd += out_bytes / device.first_touch_bandwidth
+        bwd += max(0.0, bytes_moved - out_bytes) / device.first_touch_bandwidth
+    if device.node_overhead_s > 0:
+        share = device.node_overhead_s / (1.0 + BACKWARD_FACTOR)
+        return fwd + share, bwd + BACKWARD_FACTOR * share
+    if kind is not None and (flops > 0 or bytes_moved > 0):
+        fwd += device.op_overhead_s
+        bwd += BACKWARD_FACTOR * device.op_overhead_s
+    return fwd, bwd
+
+
+def _opt_key(optimizer: str, table) -> str:
+    o = str(optimizer).lower()
+    return "adam" if o == "adamw" and "adamw" not in table else o  # AdamW runs Adam's kernels
+
+
+def optimizer_step_overhead(num_tensors: int, optimizer: str, device: DeviceSpec) -> float:
+    """Fixed seconds of one optimizer step over ``num_tensors`` parameter tensors (the
+    per-tensor kernel series of a single-tensor optimizer), from the device's measured
+    ``optimizer_tensor_overhead_s``; 0 where not measured (catalog devices)."""
+    table = device.optimizer_tensor_overhead_s
+    return num_tensors * table.get(_opt_key(optimizer, table), 0.0)
+
+
+def optimizer_step_time(numel: float, num_tensors: int, optimizer: str, device: DeviceSpec) -> "float | None":
+    """Seconds of one optimizer step over ``num_tensors`` tensors holding ``numel`` elements
+    (this device's shard) from the profiler's measurements: per-element rate plus per-tensor
+    cost. None where the device has no measured rate for this optimizer (catalog devices:
+    price the step on the memory roofline as before)."""
+    rate = device.optimizer_rates.get(_opt_key(optimizer, device.optimizer_rates))
+    if not rate:
+        return None
+    return numel / rate + optimizer_step_overhead(num_tensors, optimizer, device)

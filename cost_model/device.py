@@ -23,7 +23,7 @@ reaches half of it. Both are per dtype, since a CPU may run bf16 far below fp32.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -99,6 +99,19 @@ class DeviceSpec:
       matmul_eff_max / matmul_flops_half: per-dtype efficiency curve (module docstring).
       memory_bw_efficiency: fraction of memory_bandwidth a streaming kernel achieves.
       op_overhead_s: fixed cost of launching one op (kernel launch + framework dispatch).
+      node_overhead_s: fixed seconds autopar's runtime spends per graph node per training step
+        (forward + backward: fx interpretation, DTensor wrapping/redistribution, autograd),
+        measured on the runtime itself by the profiler; 0 = not measured, and then each op is
+        charged ``op_overhead_s`` instead (:func:`autopar.cost_model.compute.node_time`).
+      kernel_rates: measured elements/s of non-matmul kernels, keys ``NAME_fwd``/``NAME_bwd``
+        for NAME in gelu, silu, tanh, exp, softmax, layer_norm, add, mul (fp32); empty for
+        catalog devices, which keep the roofline.
+      optimizer_tensor_overhead_s: optimizer -> seconds per parameter tensor per step of a
+        single-tensor (for-loop) optimizer (keys ``adam``, ``sgd``); empty = not measured.
+      optimizer_rates: optimizer -> measured parameter elements/s of its step's arithmetic
+        (same keys; :func:`autopar.cost_model.compute.optimizer_step_time`).
+      first_touch_bandwidth: B/s at which freshly mapped memory is first written (page faults
+        alone), charged on the bytes each node allocates; 0 = not measured / not charged.
     """
 
     name: str
@@ -116,6 +129,11 @@ class DeviceSpec:
     op_overhead_s: float
     provenance: Provenance
     cores: int = 0  # CPU cores (or SMs for a GPU); informative, 0 when unknown
+    node_overhead_s: float = 0.0
+    kernel_rates: Mapping[str, float] = field(default_factory=dict)
+    optimizer_tensor_overhead_s: Mapping[str, float] = field(default_factory=dict)
+    optimizer_rates: Mapping[str, float] = field(default_factory=dict)
+    first_touch_bandwidth: float = 0.0
 
     def __post_init__(self) -> None:
         owner = f"DeviceSpec({self.name!r})"
@@ -127,8 +145,17 @@ class DeviceSpec:
             raise ValueError(f"{owner}.arch must be a non-empty string like 'sm90' or 'aarch64'")
         if self.host_link not in HOST_LINKS:
             raise ValueError(f"{owner}.host_link must be one of {HOST_LINKS}, got {self.host_link!r}")
-        for name in ("peak_flops", "matmul_eff_max", "matmul_flops_half"):
+        for name in ("peak_flops", "matmul_eff_max", "matmul_flops_half", "kernel_rates",
+                     "optimizer_tensor_overhead_s", "optimizer_rates"):
             object.__setattr__(self, name, _frozen_map(name, getattr(self, name)))
+        for k, v in self.kernel_rates.items():
+            _check_positive(owner, f"kernel_rates[{k!r}]", v)
+        for k, v in self.optimizer_rates.items():
+            _check_positive(owner, f"optimizer_rates[{k!r}]", v)
+        for k, v in self.optimizer_tensor_overhead_s.items():
+            _check_positive(owner, f"optimizer_tensor_overhead_s[{k!r}]", v, allow_zero=True)
+        _check_positive(owner, "node_overhead_s", self.node_overhead_s, allow_zero=True)
+        _check_positive(owner, "first_touch_bandwidth", self.first_touch_bandwidth, allow_zero=True)
         for name in ("peak_flops", "matmul_eff_max", "matmul_flops_half"):
             table = getattr(self, name)
             missing = [d for d in DTYPES if d not in table]
@@ -187,6 +214,9 @@ class DeviceSpec:
             "matmul_flops_half": dict(self.matmul_flops_half),
             "memory_bw_efficiency": self.memory_bw_efficiency,
             "op_overhead_s": self.op_overhead_s, "cores": self.cores,
+            "node_overhead_s": self.node_overhead_s, "kernel_rates": dict(self.kernel_rates),
+            "optimizer_tensor_overhead_s": dict(self.optimizer_tensor_overhead_s),
+            "optimizer_rates": dict(self.optimizer_rates), "first_touch_bandwidth": self.first_touch_bandwidth,
             "provenance": self.provenance.to_json(),
         }
 
@@ -196,7 +226,9 @@ class DeviceSpec:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"DeviceSpec JSON has unknown field(s) {sorted(unknown)}")
-        missing = [f for f in known if f not in d and f != "cores"]
+        optional = {"cores", "node_overhead_s", "kernel_rates", "optimizer_tensor_overhead_s", "optimizer_rates",
+                    "first_touch_bandwidth"}  # have defaults
+        missing = [f for f in known if f not in d and f not in optional]
         if missing:
             raise ValueError(f"DeviceSpec JSON for {d.get('name', '?')!r} lacks field(s) {sorted(missing)}")
         args = dict(d)

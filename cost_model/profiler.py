@@ -24,6 +24,25 @@ What is measured (all with torch, no ISA-specific code, so it runs on x86 and AR
    CPU that is tens of microseconds per op against a few for a plain op, and it dominates
    small models (where no ranks run, the plain op's cost is used; both are in ``raw``). With CUDA, the same on the GPU plus pinned
    host<->device copies (host link bandwidth).
+3. What the node pricing uses on a measured CPU (:func:`autopar.cost_model.compute.node_time`):
+   ``node_overhead_s``, autopar's runtime itself timed per graph node per training step
+   (:func:`runtime_node_overhead`: a captured chain of K tanh nodes through ``apply_plan`` +
+   ``train_step`` at two K; 1 rank in this process, and ``nproc`` ranks (dp plan) in the
+   rank phase; other n scale the DTensor chain figure by the runtime/DTensor ratio measured
+   at the nearest n, said in the provenance notes). It replaces the per-op DTensor tanh-chain
+   estimate in node pricing because it is the runtime's own cost (fx interpretation, input/
+   output placement checks, wrapping, autograd): 1.5-2x the DTensor chain's forward + backward
+   figure on the 2-core development VM (56 vs 35 us, 1 process). Where
+   the runtime cannot be imported or run (the profiler works standalone) it is 0 and
+   ``op_overhead_s`` is charged per op as before. ``kernel_rates``: elements/s of gelu, silu,
+   tanh, exp, softmax, layer_norm, add, mul forward and backward (:func:`kernel_rates`), so
+   ELEMENTWISE / NORM / SOFTMAX nodes are priced by measurement, not by stream bandwidth
+   (transcendentals are compute-bound on a CPU). ``optimizer_tensor_overhead_s`` and
+   ``optimizer_rates``: a single-tensor Adam / SGD step's per-tensor and per-element cost
+   (:func:`optimizer_step_costs`). ``first_touch_bandwidth``: the page-fault cost of writing
+   freshly mapped memory (:func:`first_touch_bandwidth`), charged on every byte a node
+   allocates (its outputs forward, its input and parameter gradients backward). Each is
+   measured per process count.
 
 Limitations: timings are rank 0's, the median of a few repetitions; a host shared with
 other work gives noisy figures (run it on a quiet machine). With CUDA but fewer GPUs than
@@ -232,6 +251,226 @@ def host_copy_bandwidth(numel: int = 1 << 24) -> float:
     return 4 * numel / max(h2d, d2h)
 
 
+# --------------------------------------------------------------------------- non-matmul kernels
+
+#: Kernels whose throughput the profiler measures (elements/s, fwd and bwd), as the cost model
+#: prices ELEMENTWISE / NORM / SOFTMAX nodes on a measured device (see compute.kernel_class).
+KERNELS: tuple[str, ...] = ("gelu", "silu", "tanh", "exp", "softmax", "layer_norm", "add", "mul")
+KERNEL_SHAPE: tuple[int, int] = (512, 1024)  # 2 MiB fp32: a GPT MLP activation of the small models
+
+
+def _kernel_fn(name: str, width: int):
+    import torch
+    import torch.nn.functional as F
+
+    if name == "layer_norm":  # with an affine weight and bias, as nn.LayerNorm
+        w, b = torch.ones(width, requires_grad=True), torch.zeros(width, requires_grad=True)
+        return lambda x: F.layer_norm(x, (width,), w, b)
+    if name == "softmax":
+        return lambda x: torch.softmax(x, dim=-1)
+    if name == "add":
+        return lambda x: x + x
+    if name == "mul":
+        return lambda x: x * x
+    return {"gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "exp": torch.exp}[name]
+
+
+def kernel_rates(shape: tuple[int, int] = KERNEL_SHAPE, device: str = "cpu", reps: int = 7, chain: int = 16,
+                 kernels: Sequence[str] = KERNELS, shared: bool = False) -> dict[str, float]:
+    """Elements/s of each kernel's forward (``NAME_fwd``) and backward (``NAME_bwd``) on an
+    fp32 tensor of ``shape``, allocating as a training step does: one repetition runs the op
+    ``chain`` times keeping every output alive (like saved activations: forward with autograd
+    recording; backward as ``autograd.grad`` of one recorded forward, a fresh gradient each
+    call), then frees them all, so outputs land in freshly mapped memory whose first touch is
+    part of the cost, as in a step. Per call = median over ``reps`` repetitions of the
+    repetition's mean, or with ``shared`` (processes on shared cores) the mean of them.
+
+    Why: these ops are not stream-bound on a CPU (``erf`` in gelu runs at a few GB/s against
+    tens for a stream), so the stream-bandwidth roofline under-prices them several-fold."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    numel = shape[0] * shape[1]
+    out: dict[str, float] = {}
+
+    def per_call(fn) -> float:
+        fn()
+        sync()
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            kept = [fn() for _ in range(chain)]
+            sync()
+            samples.append((time.perf_counter() - start) / chain)
+            del kept
+        return statistics.fmean(samples) if shared else statistics.median(samples)
+
+    for name in kernels:
+        f = _kernel_fn(name, shape[1])
+        x = torch.randn(*shape, device=device, requires_grad=True)
+        out[f"{name}_fwd"] = numel / per_call(lambda: f(x))
+        y = f(x)
+        gy = torch.randn_like(y)
+        out[f"{name}_bwd"] = numel / per_call(lambda: torch.autograd.grad(y, x, gy, retain_graph=True))
+    return out
+
+
+def optimizer_step_costs(total_numel: int = 1 << 21, counts: tuple[int, int] = (8, 128), rounds: int = 5,
+                         shared: bool = False) -> dict[str, dict[str, float]]:
+    """What one single-tensor (for-loop) optimizer step costs on CPU, for ``adam`` and ``sgd``
+    (momentum): ``{"per_tensor_s": {opt: s}, "elements_per_s": {opt: numel/s}}``.
+
+    Step time at two tensor counts with the same total numel: the slope over the count is the
+    per-tensor cost (a series of small kernels per tensor: the runtime steps each local shard
+    as a plain tensor), the rest of the step at the low count is the per-element work (Adam's
+    div/sqrt are not stream-bound on a CPU, and run on this process's threads only, so a
+    bandwidth roofline under-prices them). Fastest of ``rounds``, or with ``shared`` the mean."""
+    import torch
+
+    per_tensor, rate = {}, {}
+    for opt_name, make in (("adam", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=False)),
+                           ("sgd", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=False))):
+        t = {}
+        for n in counts:
+            ps = [torch.nn.Parameter(torch.randn(max(1, total_numel // n))) for _ in range(n)]
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt = make(ps)
+            opt.step()
+            samples = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                opt.step()
+                samples.append(time.perf_counter() - start)
+            t[n] = statistics.fmean(samples) if shared else min(samples)
+        lo, hi = counts
+        per_tensor[opt_name] = max(0.0, (t[hi] - t[lo]) / (hi - lo))
+        work = max(t[lo] - lo * per_tensor[opt_name], 0.5 * t[lo])  # noise cannot leave < half the step
+        rate[opt_name] = total_numel / work
+    return {"per_tensor_s": per_tensor, "elements_per_s": rate}
+
+
+def first_touch_bandwidth(nbytes: int = 1 << 23, reps: int = 5, shared: bool = False) -> float:
+    """Bytes/s at which fresh memory is mapped, used and given back: the page-fault (map +
+    zero) cost of the first write to newly mapped pages plus the unmap when it is freed, without
+    the write itself. A region is mapped anonymously (as glibc does for every tensor above its
+    mmap threshold; the accuracy benchmark's workers set it to 64 KiB, and a training step's
+    tensors are freed and re-mapped every step), filled once (faults + writes), again (writes
+    only), and unmapped: (first - second) + unmap. Median of ``reps``, or with ``shared`` the mean.
+
+    Why: every tensor a step creates (activations, gradients, temporaries) is written to fresh
+    pages; at a few GB/s this is the largest cost of a CPU step after the matmuls, and neither
+    the matmul fit nor the kernel rates (measured on reused memory) contain it."""
+    import mmap
+
+    import torch
+
+    costs = []
+    for _ in range(reps):
+        region = mmap.mmap(-1, nbytes)
+        t = torch.frombuffer(region, dtype=torch.float32)
+        start = time.perf_counter()
+        t.fill_(1.0)
+        fresh = time.perf_counter() - start
+        start = time.perf_counter()
+        t.fill_(2.0)
+        warm = time.perf_counter() - start
+        del t
+        start = time.perf_counter()
+        region.close()
+        unmap = time.perf_counter() - start
+        costs.append(max(fresh - warm + unmap, 1e-9))
+    per = statistics.fmean(costs) if shared else statistics.median(costs)
+    return nbytes / per
+
+
+# --------------------------------------------------------------------------- runtime per-node overhead
+
+def _chain_model(k: int):
+    import torch
+    from torch import nn
+
+    class Chain(nn.Module):
+        """One Linear then ``k`` tanh nodes on a tiny tensor: nearly all overhead."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.lin(x)
+            for _ in range(k):
+                y = torch.tanh(y)
+            return y
+
+    torch.manual_seed(0)
+    return Chain()
+
+
+def runtime_node_overhead(world: int, chain: tuple[int, int] = (4, 24), reps: int = 4, rounds: int = 5,
+                          shared: bool = False, barrier: Callable[[], None] = lambda: None) -> float:
+    """Seconds per graph node per training step (forward + backward) of autopar's runtime.
+
+    Captures a chain of K tanh nodes (:func:`_chain_model`) at two K, applies a ``world``-rank
+    data-parallel plan (``autopar.runtime.apply.apply_plan``, the initialised default process
+    group must have ``world`` ranks) and times ``train_step``; the slope over the node count is
+    what one more node costs the real runtime (fx interpretation, DTensor wrapping, input and
+    output redistribution checks, autograd), with the tanh itself negligible on a 4x8 tensor.
+    Fastest of ``rounds`` rounds, or with ``shared`` the mean (see :func:`dtensor_op_overhead`).
+    Raises ImportError when the runtime is not importable (the profiler then falls back)."""
+    import torch
+
+    from autopar.graph import capture
+    from autopar.runtime.apply import apply_plan
+    from autopar.runtime.testing import make_plan
+
+    x = torch.randn(4 * world, 8)
+    target = torch.randn(4 * world, 8)
+    loss_fn = lambda out, t: ((out - t) ** 2).mean()  # noqa: E731
+    factory = lambda ps: torch.optim.SGD(ps, lr=1e-3)  # noqa: E731
+    times, nodes = {}, {}
+    for k in chain:
+        g = capture(_chain_model(k), (x,))
+        pm = apply_plan(g, make_plan(g, "dp", world))
+        for _ in range(2):
+            pm.train_step(x, target, loss_fn, factory)
+        per_round = []
+        for _ in range(rounds):
+            barrier()
+            start = time.perf_counter()
+            for _ in range(reps):
+                pm.train_step(x, target, loss_fn, factory)
+            per_round.append((time.perf_counter() - start) / reps)
+        times[k] = statistics.fmean(per_round) if shared else min(per_round)
+        nodes[k] = len(g.nodes)
+    short, long = chain
+    return max(0.0, (times[long] - times[short]) / (nodes[long] - nodes[short]))
+
+
+def _runtime_overhead_solo() -> tuple[Optional[float], str]:
+    """:func:`runtime_node_overhead` for one rank in this process (a 1-rank gloo world made
+    here and torn down), or ``(None, why)`` when it cannot be measured."""
+    try:
+        import torch.distributed as dist
+        import autopar.runtime.apply  # noqa: F401  (importable standalone?)
+    except Exception as e:  # the cost model must work without the runtime
+        return None, f"runtime not importable ({type(e).__name__}: {e})"
+    made = False
+    try:
+        if dist.is_initialized():
+            if dist.get_world_size() != 1:
+                return None, f"a {dist.get_world_size()}-rank process group is already initialised here"
+        else:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            made = True
+        return runtime_node_overhead(1), ""
+    except Exception as e:
+        return None, f"runtime measurement failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+    finally:
+        if made:
+            dist.destroy_process_group()
+
+
 # --------------------------------------------------------------------------- fits
 
 def fit_overhead_rate(samples: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -360,7 +599,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
                             timeout=_dt.timedelta(seconds=cfg["timeout_s"]))
     device = f"cuda:{rank}" if use_cuda else "cpu"
     cores = os.cpu_count() or 1
-    result: dict = {"matmul": {}, "stream": {}, "collectives": {}, "threads": {}, "dtensor_overhead": {}}
+    result: dict = {"matmul": {}, "stream": {}, "collectives": {}, "threads": {}, "dtensor_overhead": {},
+                    "kernels": {}, "optimizer": {}, "first_touch": {}, "runtime_overhead": {}, "runtime_overhead_error": ""}
     try:
         solo = dist.new_group([0])  # one process with every core: the 1-process runtime's dispatch
         torch.set_num_threads(cores)
@@ -377,8 +617,20 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
                         cfg["sizes"], cfg["dtypes"], cfg["window_s"], lambda: dist.barrier(group=group))
                     dist.barrier(group=group)
                     result["stream"][n] = stream_bandwidth(cfg["stream_numel"], "cpu", reps=5)
+                    dist.barrier(group=group)
+                    result["kernels"][n] = kernel_rates(shared=n > cores)
+                    dist.barrier(group=group)
+                    result["optimizer"][n] = optimizer_step_costs(shared=n > cores)
+                    dist.barrier(group=group)
+                    result["first_touch"][n] = first_touch_bandwidth(shared=n > cores)
                 dist.barrier(group=group)  # all n dispatch at once: they share the cores as in a run
                 result["dtensor_overhead"][n] = dtensor_op_overhead(group, device, shared=n > cores)
+                if n == world and not use_cuda:  # the runtime's mesh spans the whole world
+                    try:
+                        result["runtime_overhead"][n] = runtime_node_overhead(
+                            n, shared=n > cores, barrier=lambda: dist.barrier(group=group))
+                    except Exception as e:  # noqa: BLE001 - recorded; the profile falls back
+                        result["runtime_overhead_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 result["collectives"][n] = _collective_samples(rank, n, group, cfg["coll_bytes"], device)
                 result["threads"][n] = threads
             dist.barrier()
@@ -398,7 +650,9 @@ def _free_port() -> int:
 
 def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_bytes: int,
                          bandwidth: float, overhead: float, host_link: str, host_bw: float,
-                         host_mem: int, cores: int, prov: Provenance) -> DeviceSpec:
+                         host_mem: int, cores: int, prov: Provenance, *, node_overhead: float = 0.0,
+                         kernels: Optional[dict] = None, optimizer: Optional[dict] = None,
+                         first_touch: float = 0.0) -> DeviceSpec:
     peak, half, eff = {}, {}, {}
     for d, rows in samples.items():
         t0, rate = fit_overhead_rate(rows)
@@ -411,7 +665,17 @@ def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_
     return DeviceSpec(name=name, kind=kind, arch=arch, peak_flops=peak, memory_bytes=memory_bytes,
                       memory_bandwidth=bandwidth, host_link=host_link, host_link_bandwidth=host_bw,
                       host_memory_bytes=host_mem, matmul_eff_max=eff, matmul_flops_half=half,
-                      memory_bw_efficiency=1.0, op_overhead_s=overhead, cores=cores, provenance=prov)
+                      memory_bw_efficiency=1.0, op_overhead_s=overhead, cores=cores, provenance=prov,
+                      node_overhead_s=node_overhead, kernel_rates=dict(kernels or {}),
+                      optimizer_tensor_overhead_s=dict((optimizer or {}).get("per_tensor_s", {})),
+                      optimizer_rates=dict((optimizer or {}).get("elements_per_s", {})),
+                      first_touch_bandwidth=first_touch)
+
+
+_KERNEL_NOTE = ("kernel_rates: fp32 elements/s on a 512x1024 tensor (kernel_rates()), used for every "
+                "dtype; optimizer_tensor_overhead_s / optimizer_rates: single-tensor optimizer step, slope over "
+                "tensor count and per-element rate (optimizer_step_costs()); first_touch_bandwidth: page "
+                "faults + unmap of fresh anonymous memory (first_touch_bandwidth())")
 
 
 def _arch() -> str:
@@ -509,6 +773,43 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
     raw["op_overhead"]["1"] = cpu_ovh
     raw["stream"]["1"] = cpu_bw
     dt_ovh = raw["dtensor_op_overhead"]
+    cpu_kernels = kernel_rates()
+    raw["kernels"] = {"1": cpu_kernels}
+    opt_costs = optimizer_step_costs()
+    opt_ovh = opt_costs["per_tensor_s"]
+    raw["optimizer"] = {"1": opt_costs}
+    cpu_ft = first_touch_bandwidth()
+    raw["first_touch"] = {"1": cpu_ft}
+    rt_ovh: dict[str, float] = {}
+    rt_solo, rt_why = _runtime_overhead_solo()
+    if rt_solo is not None:
+        rt_ovh["1"] = rt_solo
+    if result is not None:
+        rt_ovh.update({str(k): v for k, v in result.get("runtime_overhead", {}).items()})
+        if result.get("runtime_overhead_error"):
+            rt_why = (rt_why + "; " if rt_why else "") + f"{nproc} ranks: {result['runtime_overhead_error']}"
+    raw["runtime_node_overhead"] = rt_ovh
+    say("kernels (Melem/s fwd/bwd): " + ", ".join(
+        f"{k} {cpu_kernels[k + '_fwd'] / 1e6:.0f}/{cpu_kernels[k + '_bwd'] / 1e6:.0f}" for k in KERNELS)
+        + "; optimizer per tensor " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in opt_ovh.items())
+        + ", per element " + ", ".join(f"{k} {v / 1e6:.0f} Melem/s" for k, v in opt_costs["elements_per_s"].items())
+        + f"; first touch {cpu_ft / 1e9:.2f} GB/s")
+    say("runtime per-node overhead: " + (", ".join(f"{k} proc {v * 1e6:.0f} us" for k, v in sorted(rt_ovh.items()))
+                                         or "not measured") + (f" ({rt_why})" if rt_why else ""))
+
+    def node_ovh(n: int) -> tuple[float, str]:
+        """Runtime per-node per-step seconds for n processes, and how it was obtained."""
+        if str(n) in rt_ovh:
+            return rt_ovh[str(n)], "measured on autopar's runtime (tanh chain, train_step slope)"
+        # not measured at this n (the runtime's mesh needs the whole world): scale the DTensor
+        # chain's figure at n by the runtime/DTensor ratio measured at the nearest n
+        have = [int(k) for k in rt_ovh if dt_ovh.get(k, 0) > 0]
+        if have and dt_ovh.get(str(n), 0) > 0:
+            m = min(have, key=lambda k: abs(k - n))
+            ratio = rt_ovh[str(m)] / dt_ovh[str(m)]
+            return ratio * dt_ovh[str(n)], (f"DTensor tanh-chain figure x runtime/DTensor ratio {ratio:.2f} "
+                                            f"measured at {m} process(es)")
+        return 0.0, "not measured" + (f" ({rt_why})" if rt_why else "") + ": op_overhead_s per op is used"
 
     def ovh(n: int) -> float:
         """Per-op cost for n processes: the DTensor dispatch the runtime pays, where measured."""
@@ -535,9 +836,11 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
         say(f"gpu {props.name}: bf16 {gpu.peak_flops['bf16'] / 1e12:.1f} TFLOP/s, host link {host_bw / 1e9:.1f} GB/s")
         devices = {n: gpu for n in range(1, nproc + 1)}
     else:
+        nv, how = node_ovh(1)
         devices[1] = _device_from_samples(
             "local-cpu/1", "cpu", arch, cpu_mm, mem, cpu_bw, ovh(1), "none", 0.0, 0, cores,
-            prov(notes.format(n=1, threads=cores)))
+            prov(notes.format(n=1, threads=cores) + f"; node_overhead_s {how}; " + _KERNEL_NOTE),
+            node_overhead=nv, kernels=cpu_kernels, optimizer=opt_costs, first_touch=cpu_ft)
 
     links: dict[int, LinkSpec] = {}
     if result is not None:
@@ -564,9 +867,19 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
                 mm = result["matmul"][key]
                 raw["matmul"][key] = mm
                 raw["stream"][key] = result["stream"][key]
+                nv, how = node_ovh(n)
+                kern = result.get("kernels", {}).get(key) or cpu_kernels
+                raw["kernels"][key] = kern
+                opt_n = result.get("optimizer", {}).get(key) or opt_costs
+                raw["optimizer"][key] = opt_n
+                ft_n = result.get("first_touch", {}).get(key) or cpu_ft
+                raw["first_touch"][key] = ft_n
                 devices[n] = _device_from_samples(
                     f"local-cpu/{n}", "cpu", arch, mm, mem // n, result["stream"][key], ovh(n), "none",
-                    0.0, 0, result["threads"][key], prov(notes.format(n=n, threads=result["threads"][key])))
+                    0.0, 0, result["threads"][key],
+                    prov(notes.format(n=n, threads=result["threads"][key]) + f"; node_overhead_s {how}; "
+                         + _KERNEL_NOTE),
+                    node_overhead=nv, kernels=kern, optimizer=opt_n, first_touch=ft_n)
                 say(f"{n} processes: per-process " + ", ".join(
                     f"{d} {devices[n].peak_flops[d] / 1e9:.1f} GFLOP/s" for d in mm))
 

@@ -34,7 +34,7 @@ import torch.fx as fx
 from autopar.cost_model import memory as mem
 from autopar.cost_model.cluster import Cluster, LinkSpec, axis_link
 from autopar.cost_model.collectives import collective_time
-from autopar.cost_model.compute import backward_time, op_time
+from autopar.cost_model.compute import kernel_class, node_time
 from autopar.cost_model.device import DeviceSpec
 from autopar.cost_model.reshard import reshard_cost_multi
 from autopar.graph import Graph, NodeInfo, OpKind, TensorSpec
@@ -528,12 +528,15 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
         for dname, dev in devices.items():
             c_list, f_list = [], []
             for s in ss:
-                if kind is None or info.kind is OpKind.INPUT:
+                if info.kind is OpKind.INPUT or (kind is None and dev.node_overhead_s <= 0):
                     c_list.append(0.0)
                     f_list.append(0.0)
                     continue
                 flops = info.flops / (m if batched else 1) / _work_factor(s, mesh)
                 moved = sum(_local(spec, pl, mesh, batched, m, precision) for spec, pl in zip(info.outputs, s.outputs))
+                out_bytes = moved
+                elems = sum(_local(spec, pl, mesh, batched, m, precision) / _elem_bytes(spec, precision)
+                            for spec, pl in zip(info.outputs, s.outputs))
                 for src, pl in zip(info.inputs, s.inputs):
                     sinfo = g.nodes[src]
                     if sinfo.outputs:
@@ -541,8 +544,9 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
                 for p, pl in zip(info.params, s.params):
                     if p in g.params:
                         moved += _local(g.params[p], pl, mesh, False, 1, precision)
-                t = op_time(flops, moved, dtype, dev, kind=kind)
-                b = backward_time(t, kind=kind)
+                # measured runtime per-node overhead and non-matmul kernel rates where the device has them
+                t, b = node_time(flops, moved, elems, dtype, dev, kind, kernel_class(info.kind, info.target),
+                                 out_bytes=out_bytes)
                 c_list.append(t + b)
                 f_list.append(t)
             comp[dname] = tuple(c_list)

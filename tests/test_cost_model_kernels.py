@@ -1,0 +1,149 @@
+"""Measured non-matmul kernel rates, the runtime's per-node overhead and the optimizer's
+per-tensor cost: how the DeviceSpec carries them, how a graph node is priced with them, and
+that the profiler's measurements run (small sizes, a few seconds)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autopar.cost_model import DeviceSpec
+from autopar.cost_model.catalog import device as get_device
+from autopar.cost_model.compute import (BACKWARD_FACTOR, backward_time, kernel_class, node_time, op_time,
+                                        optimizer_step_overhead)
+from autopar.graph import OpKind
+
+
+def _cpu(**changes) -> DeviceSpec:
+    return get_device("graviton4").replace(**changes)
+
+
+def test_devicespec_new_fields_default_round_trip_and_old_json():
+    d = _cpu(node_overhead_s=7e-5, kernel_rates={"gelu_fwd": 1e9, "gelu_bwd": 5e8},
+             optimizer_tensor_overhead_s={"adam": 2e-5})
+    back = DeviceSpec.from_json(json.loads(json.dumps(d.to_json())))
+    assert back == d and back.kernel_rates["gelu_bwd"] == 5e8
+    old = d.to_json()
+    for k in ("node_overhead_s", "kernel_rates", "optimizer_tensor_overhead_s"):
+        old.pop(k)
+    legacy = DeviceSpec.from_json(old)  # a profile written before these fields still loads
+    assert legacy.node_overhead_s == 0.0 and dict(legacy.kernel_rates) == {}
+    with pytest.raises(ValueError, match="kernel_rates"):
+        _cpu(kernel_rates={"gelu_fwd": -1.0})
+    with pytest.raises(ValueError, match="node_overhead_s"):
+        _cpu(node_overhead_s=-1e-6)
+    with pytest.raises(TypeError):
+        d.kernel_rates["gelu_fwd"] = 1.0  # read-only like the other tables
+
+
+@pytest.mark.parametrize("kind,target,want", [
+    (OpKind.ELEMENTWISE, "torch._C._nn.gelu", "gelu"),
+    (OpKind.ELEMENTWISE, "torch.nn.functional.silu", "silu"),
+    (OpKind.ELEMENTWISE, "torch.tanh", "tanh"),
+    (OpKind.ELEMENTWISE, "torch.sigmoid", "exp"),
+    (OpKind.ELEMENTWISE, "_operator.add", "add"),
+    (OpKind.ELEMENTWISE, "_operator.mul", "mul"),
+    (OpKind.NORM, "h.0.ln_1", "layer_norm"),
+    (OpKind.SOFTMAX, "torch.softmax", "softmax"),
+    (OpKind.LINEAR, "h.0.mlp.c_fc", None),
+    (OpKind.VIEW, "transpose", None),
+])
+def test_kernel_class(kind, target, want):
+    assert kernel_class(kind, target) == want
+
+
+def test_node_time_catalog_device_is_the_roofline():
+    h100 = get_device("h100-sxm")  # no measured kernel rates / runtime overhead: unchanged pricing
+    for kind, kernel in (("matmul", None), ("elementwise", "gelu")):
+        f, b = node_time(1e9, 1e8, 1e6, "bf16", h100, kind, kernel)
+        t = op_time(1e9, 1e8, "bf16", h100, kind=kind)
+        assert (f, b) == pytest.approx((t, backward_time(t, kind)))
+    assert node_time(0, 0, 0, "bf16", h100, None) == (0.0, 0.0)  # a view costs nothing there
+
+
+def test_node_time_uses_measured_rates_and_runtime_overhead():
+    elems = 1 << 19
+    slow = {"gelu_fwd": 1e9, "gelu_bwd": 5e8}
+    cpu = _cpu(kernel_rates=slow, node_overhead_s=9e-5)
+    moved = 2 * 4 * elems
+    f, b = node_time(8 * elems, moved, elems, "fp32", cpu, "elementwise", "gelu")
+    share = 9e-5 / (1 + BACKWARD_FACTOR)
+    roof = op_time(8 * elems, moved, "fp32", cpu, kind="elementwise", include_overhead=False)
+    assert elems / 1e9 > roof  # the measured rate is the binding term here
+    assert f == pytest.approx(elems / 1e9 + share)
+    assert b == pytest.approx(elems / 5e8 + BACKWARD_FACTOR * share)
+    # an unmeasured kernel keeps the roofline; a view pays the runtime's per-node overhead only
+    f2, _ = node_time(8 * elems, moved, elems, "fp32", cpu, "elementwise", "silu")
+    assert f2 == pytest.approx(roof + share)
+    assert sum(node_time(0, 0, 0, "fp32", cpu, None)) == pytest.approx(9e-5)
+    # without a measured node overhead, op_overhead_s per op (forward, 2x backward) as before
+    plain = _cpu(kernel_rates=slow)
+    f3, b3 = node_time(8 * elems, moved, elems, "fp32", plain, "elementwise", "gelu")
+    assert f3 == pytest.approx(elems / 1e9 + plain.op_overhead_s)
+    assert b3 == pytest.approx(elems / 5e8 + BACKWARD_FACTOR * plain.op_overhead_s)
+
+
+def test_optimizer_step_overhead():
+    cpu = _cpu(optimizer_tensor_overhead_s={"adam": 2e-5, "sgd": 5e-6})
+    assert optimizer_step_overhead(50, "adam", cpu) == pytest.approx(1e-3)
+    assert optimizer_step_overhead(50, "adamw", cpu) == pytest.approx(1e-3)  # AdamW = Adam's kernels
+    assert optimizer_step_overhead(50, "adam", get_device("h100-sxm")) == 0.0
+
+
+def test_profiler_kernel_and_optimizer_measurements_run():
+    from autopar.cost_model.profiler import KERNELS, kernel_rates, optimizer_step_costs
+    rates = kernel_rates(shape=(64, 256), reps=2, chain=2)
+    assert set(rates) == {f"{k}_{d}" for k in KERNELS for d in ("fwd", "bwd")}
+    assert all(v > 1e5 for v in rates.values()), rates
+    opt = optimizer_step_costs(total_numel=1 << 14, counts=(2, 32), rounds=2)
+    assert set(opt["per_tensor_s"]) == {"adam", "sgd"} and all(v >= 0 for v in opt["per_tensor_s"].values())
+    assert all(v > 0 for v in opt["elements_per_s"].values())
+
+
+def test_runtime_node_overhead_measured_on_the_runtime():
+    from autopar.cost_model.profiler import _runtime_overhead_solo
+    per_node, why = _runtime_overhead_solo()
+    assert per_node is not None, why
+    # a DTensor node's forward+backward in the runtime costs microseconds, not nanoseconds or seconds
+    assert 1e-6 < per_node < 1e-2, per_node
+
+
+def test_optimizer_step_time_from_measured_rates():
+    from autopar.cost_model.compute import optimizer_step_time
+    cpu = _cpu(optimizer_tensor_overhead_s={"adam": 2e-5}, optimizer_rates={"adam": 4e8})
+    assert optimizer_step_time(4e6, 50, "adam", cpu) == pytest.approx(4e6 / 4e8 + 50 * 2e-5)
+    assert optimizer_step_time(4e6, 50, "adamw", cpu) == pytest.approx(4e6 / 4e8 + 50 * 2e-5)
+    assert optimizer_step_time(4e6, 50, "sgd", cpu) is None  # not measured: caller keeps the roofline
+    assert optimizer_step_time(4e6, 50, "adam", get_device("h100-sxm")) is None
+    with pytest.raises(ValueError, match="optimizer_rates"):
+        _cpu(optimizer_rates={"adam": 0.0})
+
+
+def test_node_time_charges_fresh_memory_at_first_touch_rate():
+    cpu = _cpu(first_touch_bandwidth=4e9)
+    out, moved = 2e6, 5e6  # the node writes 2 MB; reads 3 MB of inputs and params
+    f, b = node_time(1e9, moved, out / 4, "fp32", cpu, "matmul", None, out_bytes=out)
+    base = op_time(1e9, moved, "fp32", cpu, kind="matmul")
+    assert f == pytest.approx(base + out / 4e9)
+    assert b == pytest.approx(backward_time(base, "matmul") + (moved - out) / 4e9)
+    assert node_time(0, 0, 0, "fp32", cpu, None, out_bytes=1e6) == (0.0, 0.0)  # a view allocates nothing
+    assert DeviceSpec.from_json(cpu.to_json()).first_touch_bandwidth == 4e9
+
+
+def test_profiler_first_touch_bandwidth_is_a_rate():
+    from autopar.cost_model.profiler import first_touch_bandwidth
+    bw = first_touch_bandwidth(nbytes=1 << 22, reps=2)
+    assert 1e7 < bw < 1e13, bw  # MB/s to TB/s: a rate, not a time
+
+
+def test_unmeasured_process_count_shares_the_measured_rates():
+    from autopar.cost_model.catalog import local_shm
+    from autopar.cost_model.cluster import cluster_from_profile
+    dev2 = _cpu(kernel_rates={"gelu_fwd": 2e9}, optimizer_rates={"adam": 8e8}, first_touch_bandwidth=4e9,
+                node_overhead_s=6e-5)
+    data = {"profile": {"device_by_nproc": {"2": dev2.to_json()}, "link_by_nproc": {"2": local_shm().to_json()}}}
+    dev4 = cluster_from_profile(data, 4).groups[0].device  # 4 processes share what 2 measured
+    assert dev4.kernel_rates["gelu_fwd"] == pytest.approx(1e9)
+    assert dev4.optimizer_rates["adam"] == pytest.approx(4e8)
+    assert dev4.first_touch_bandwidth == pytest.approx(2e9)
+    assert dev4.node_overhead_s == pytest.approx(6e-5)
