@@ -34,7 +34,7 @@ import torch.fx as fx
 from autopar.cost_model import memory as mem
 from autopar.cost_model.cluster import Cluster, LinkSpec, axis_link
 from autopar.cost_model.collectives import collective_time
-from autopar.cost_model.compute import kernel_class, node_time
+from autopar.cost_model.compute import kernel_class, node_time, optimizer_step_time
 from autopar.cost_model.device import DeviceSpec
 from autopar.cost_model.reshard import reshard_cost_multi
 from autopar.graph import Graph, NodeInfo, OpKind, TensorSpec
@@ -750,7 +750,11 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
             else:
                 step += 2 * (ob + pb) / (dev.memory_bandwidth * dev.memory_bw_efficiency)
         else:
-            step += (2 * (ob + pb) + gb) / (dev.memory_bandwidth * dev.memory_bw_efficiency)
+            # measured optimizer rate + per-tensor cost where the profile has them (local
+            # devices); otherwise the memory roofline: state + master read and written once.
+            t_opt = optimizer_step_time(shard if z >= 1 else numel, 1, optimizer, dev)
+            step += t_opt if t_opt is not None else (
+                (2 * (ob + pb) + gb) / (dev.memory_bandwidth * dev.memory_bw_efficiency))
     return StateCost(memory, working, overlap, sync, step, host)
 
 
