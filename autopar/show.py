@@ -309,9 +309,25 @@ def _cluster_devices(plan: Plan) -> list[str]:
     return names
 
 
+def _capacity_by_rank(plan: Plan, cap: int, mem: list[int]) -> list[int]:
+    """Usable bytes per rank. ``memory_capacity_bytes`` is the fullest device's; on a mixed
+    cluster each rank gets its own device's memory under the same reserve fraction."""
+    sizes: list[int] = []
+    for g in plan.cluster.get("groups", []) or []:
+        try:
+            sizes += [int(g["device"]["memory_bytes"])] * (int(g["devices_per_node"]) * int(g["num_nodes"]))
+        except (KeyError, TypeError, ValueError):
+            return [cap] * len(mem)
+    if len(sizes) < len(mem) or len(set(sizes)) == 1:
+        return [cap] * len(mem)
+    ref = sizes[max(range(len(mem)), key=lambda r: mem[r])]
+    return [int(s * cap / ref) if ref else cap for s in sizes[:len(mem)]]
+
+
 def memory_rows(plan: Plan) -> list[MemoryRow]:
     mem = list(plan.predicted.memory_per_device_bytes)
     cap = int(plan.predicted.memory_capacity_bytes)
+    caps = _capacity_by_rank(plan, cap, mem)
     devs = _cluster_devices(plan)
     if not mem:
         return []
@@ -328,7 +344,7 @@ def memory_rows(plan: Plan) -> list[MemoryRow]:
             groups.append(("other", rest, devs[rest[0]] if len(devs) > rest[0] else ""))
     else:
         groups.append(("all", tuple(range(len(mem))), devs[0] if devs else ""))
-    return [MemoryRow(label, ranks, dev, min(mem[r] for r in ranks), max(mem[r] for r in ranks), cap)
+    return [MemoryRow(label, ranks, dev, min(mem[r] for r in ranks), max(mem[r] for r in ranks), caps[ranks[0]])
             for label, ranks, dev in groups]
 
 
@@ -429,11 +445,14 @@ def summary(plan: Plan, graph: Any = None) -> str:
     if rows:
         L.append("")
         cap = rows[0].capacity_bytes
-        L.append("Memory per device" + (f" (capacity {fmt_bytes(cap)} usable)" if cap else ""))
+        mixed = len({r.capacity_bytes for r in rows}) > 1
+        L.append("Memory per device" + (" (capacity of each stage's device, usable)" if mixed else
+                                        f" (capacity {fmt_bytes(cap)} usable)" if cap else ""))
         w = max(len(r.label) for r in rows)
         for r in rows:
             rng = fmt_bytes(r.max_bytes) if r.min_bytes == r.max_bytes else \
                 f"{fmt_bytes(r.min_bytes)}..{fmt_bytes(r.max_bytes)}"
+            cap = r.capacity_bytes
             if cap:
                 frac = r.max_bytes / cap
                 L.append(f"  {r.label:<{w}}  ranks {fmt_ranks(r.ranks):<10} {rng:>18} / {fmt_bytes(cap)}  "

@@ -25,6 +25,7 @@ from .costed import GraphStructure, analyze
 from .options import InfeasibleError, SolverOptions
 from .search import SearchOutcome, search
 from .strategies import StrategyRegistry, default_registry
+from .traffic import communication_bytes, network_total
 
 CONSTRAINT_KEYS = ("tp", "pp", "dp", "microbatch_size", "num_microbatches", "schedule", "recompute", "zero",
                    "offload")
@@ -78,11 +79,75 @@ def solve(graph: Graph, cluster: Union[Cluster, str], *, precision: str = "fp32"
     t0 = time.perf_counter()
     struct = analyze(graph, reg)
     t1 = time.perf_counter()
-    out = search(struct, reg, cl, precision=precision, optimizer=optimizer, options=opts, constraints=cons)
-    out.timings["analyze_s"] = t1 - t0
     pinned = all(k in cons for k in _PIN_ALL) and ("num_microbatches" in cons or "microbatch_size" in cons)
-    return decode(struct, out, cl, precision=precision, optimizer=optimizer, model_name=model_name,
-                  pinned=pinned, wall_s=time.perf_counter() - t0)
+    if cl.is_homogeneous:
+        out = search(struct, reg, cl, precision=precision, optimizer=optimizer, options=opts, constraints=cons)
+        out.timings["analyze_s"] = t1 - t0
+        return decode(struct, out, cl, precision=precision, optimizer=optimizer, model_name=model_name,
+                      pinned=pinned, wall_s=time.perf_counter() - t0)
+    return _solve_mixed(struct, reg, cl, precision=precision, optimizer=optimizer, options=opts, constraints=cons,
+                        model_name=model_name, pinned=pinned, t0=t0)
+
+
+def _solve_mixed(struct: GraphStructure, reg: StrategyRegistry, cl: Cluster, *, precision: str, optimizer: str,
+                 options: SolverOptions, constraints: dict, model_name: str, pinned: bool, t0: float) -> Plan:
+    """Mixed clusters: block pipelines (each stage on one group, priced on its device) compete
+    with split pipelines (:mod:`.hetero`: embedding tables on one group, the rest on the other)."""
+    from . import hetero
+    from .search import _host_bw
+
+    out, block_error = None, None
+    try:
+        out = search(struct, reg, cl, precision=precision, optimizer=optimizer, options=options,
+                     constraints=constraints)
+    except InfeasibleError as e:
+        block_error = str(e)
+    why_not = hetero.applicable(struct, cl, options)
+    wins: list = []
+    skipped: dict[str, str] = {}
+    if why_not is None:
+        wins = hetero.search_splits(struct, reg, cl, precision=precision, optimizer=optimizer, options=options,
+                                    constraints=constraints, deadline=time.perf_counter() + options.time_limit_s,
+                                    host_bandwidth=_host_bw(), skipped=skipped)
+    block_T = out.breakdown.step_time_s if out is not None else None
+    # every alternative with its step time (seconds) or why it has none
+    alts: dict[str, Any] = {f"tables on {hetero.device_kind(w.cluster, 0)}": w.step_time_s for w in wins}
+    alts.update(skipped)
+    if why_not is None:
+        alts["block pipeline"] = block_T if block_T is not None else (
+            "not possible: no repeated blocks" if not struct.blocks else "no block pipeline fits")
+    best = min(wins, key=lambda w: w.step_time_s, default=None)
+    if best is not None and (block_T is None or best.step_time_s < block_T):
+        label = f"tables on {hetero.device_kind(best.cluster, 0)}"
+        others = {k: v for k, v in alts.items() if k != label}
+        shortcuts = (["split pipeline on a mixed cluster: stage 0 = the embedding tables and their lookups on one "
+                      "device group, the rest cut into stages on the other (one (dp, tp) for every stage; "
+                      "activations cross groups over the inter-group link)"] + best.notes
+                     + [hetero.placement_line(struct, cl, best, others, optimizer=optimizer, precision=precision,
+                                              reserve=options.memory_reserve_fraction)])
+        if best.cluster.groups[0] is not cl.groups[0]:
+            shortcuts.append(f"ranks renumbered: stage 0 runs on the {best.cluster.groups[0].device.name} group, so "
+                             f"the plan's cluster lists it first ({best.cluster.name!r}); launch and validate "
+                             f"with that cluster")
+        status = "pinned" if pinned else ("optimal" if not best.notes and best.result.status == "optimal"
+                                          else "feasible")
+        return hetero.decode_split(struct, best, precision=precision, optimizer=optimizer, model_name=model_name,
+                                   status=status, wall_s=time.perf_counter() - t0, shortcuts=shortcuts)
+    if out is None:
+        note = why_not or "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        raise InfeasibleError(hetero.infeasible_message(struct, cl, optimizer=optimizer, precision=precision,
+                                                        reserve=options.memory_reserve_fraction,
+                                                        block_error=block_error, split_note=note,
+                                                        constraints=constraints))
+    if wins:
+        out.shortcuts.append("placement: a block pipeline beats every split of the embedding tables onto one "
+                             "device group (" + "; ".join(f"{k}: {v * 1e3:.2f} ms" if isinstance(v, float) else
+                                                          f"{k}: {v}" for k, v in alts.items()) + ")")
+    elif why_not is not None:
+        out.shortcuts.append(f"mixed cluster: split pipelines not tried ({why_not}); pipeline stages are "
+                             f"priced on their own group's device")
+    return decode(struct, out, cl, precision=precision, optimizer=optimizer, model_name=model_name, pinned=pinned,
+                  wall_s=time.perf_counter() - t0)
 
 
 def plan(model, example_inputs, *, cluster: Union[Cluster, str], precision: str = "fp32", optimizer: str = "adam",
@@ -247,6 +312,7 @@ def decode(struct: GraphStructure, out: SearchOutcome, cluster: Cluster, *, prec
         i = rank // (mesh["dp"] * mesh["tp"])
         mem_per_rank.append(int(br.memory_bytes[i]))
     full = max(range(pp), key=lambda i: br.memory_bytes[i])
+    traffic = communication_bytes(struct, cg, dec, precision=precision, optimizer=optimizer)
     fwd_flops = g.total_flops()
     rec_flops = sum(g.nodes[n].flops for n in g.nodes if g.nodes[n].block and
                     any(bp.block == g.nodes[n].block and bp.recompute == "full" for bp in policies))
@@ -254,7 +320,7 @@ def decode(struct: GraphStructure, out: SearchOutcome, cluster: Cluster, *, prec
         step_time_s=br.step_time_s, compute_s=br.compute_s, communication_s=br.communication_s,
         bubble_s=br.bubble_s, offload_s=br.offload_s, memory_per_device_bytes=tuple(mem_per_rank),
         memory_breakdown={k: int(val) for k, val in br.memory_breakdown[full].items()},
-        communication_bytes=0, flops_per_step=3 * fwd_flops + rec_flops,
+        communication_bytes=int(network_total(traffic)), flops_per_step=3 * fwd_flops + rec_flops,
         memory_capacity_bytes=int(cg.stages[full].capacity_bytes))
     res = out.result
     report = SolverReport(status="pinned" if pinned else res.status, objective=res.objective, gap=res.gap,

@@ -33,6 +33,15 @@ Constraints, one family per function below:
                 Q >= a_i + g_i + step_i(y)                                (_objective)
     cutoff      objective <= the best plan of earlier candidates (optional)   (build)
 
+Split pipelines (:func:`build_split`, used by :mod:`.hetero` on mixed clusters): stage k is a
+costed graph of its own (own nodes, own device, one stage each); the families above are built
+per stage on one solver, joined by
+
+    T >= t_k,  T >= c_b,  Q >= a_k + g_k + step_k,   min (m - 1) T + sum_k t_k + sum_b c_b + Q
+
+with c_b the fixed per-microbatch transfer time of boundary b (a pipeline stage of its own), and
+strategies that would leave a crossing tensor Partial fixed to 0.
+
 Units: time in milliseconds and memory in GiB inside the model (well-scaled coefficients);
 the decoder re-evaluates the decision with :func:`.evaluate.evaluate` in seconds/bytes.
 """
@@ -328,6 +337,14 @@ def _objective(solver, cg: CostedGraph, x, y, t) -> Terms:
                 _add(obj, xv, 2 * (v * p - 1) * MS * (b * cg.p2p_s_per_byte + lat))
     Q = solver.NumVar(0.0, inf, "Q")
     _add(obj, Q, 1.0)
+    _step_bound(solver, cg, x, y, t_stage, Q)
+    return obj
+
+
+def _step_bound(solver, cg: CostedGraph, x, y, t_stage: list, Q) -> None:
+    """Q >= a_i + g_i + step_i for every stage of ``cg`` (exposed per-step communication)."""
+    m = cg.candidate.num_microbatches
+    inf = solver.infinity()
     for i, st in enumerate(cg.stages):
         dev = st.device
         a = solver.NumVar(0.0, inf, f"a[{i}]")
@@ -353,7 +370,79 @@ def _objective(solver, cg: CostedGraph, x, y, t) -> Terms:
         _constraint(solver, over, 0, inf, f"overlap[{i}]")
         _constraint(solver, sync, 0, inf, f"sync[{i}]")
         _constraint(solver, step, 0, inf, f"step[{i}]")
-    return obj
+
+
+class _Tagged:
+    """A pywraplp solver whose new variables and constraints get a name prefix."""
+
+    def __init__(self, solver, tag: str):
+        self._s, self._tag = solver, tag
+
+    def BoolVar(self, name):
+        return self._s.BoolVar(self._tag + name if name else "")
+
+    def NumVar(self, lb, ub, name):
+        return self._s.NumVar(lb, ub, self._tag + name if name else "")
+
+    def IntVar(self, lb, ub, name):
+        return self._s.IntVar(lb, ub, self._tag + name if name else "")
+
+    def Constraint(self, lb, ub, name=""):
+        return self._s.Constraint(lb, ub, self._tag + name if name else "")
+
+    def __getattr__(self, attr):
+        return getattr(self._s, attr)
+
+
+def build_split(cgs: list[CostedGraph], link_s: tuple[float, ...], backend: str = "CBC",
+                cutoff_s: Optional[float] = None, forbid: Optional[dict] = None,
+                fixed: Optional[list[dict]] = None) -> list[Model]:
+    """One MIP for a split pipeline (:mod:`.hetero`): stage k is its own single-stage costed
+    graph ``cgs[k]`` (own device, own nodes), all with m microbatches under 1F1B:
+
+        min  m T + sum_k t_k + sum_b c_b - T + Q,   T >= t_k,  T >= c_b,  Q >= a_k + g_k + step_k
+
+    with every family above built per stage, and c_b = ``link_s[b]`` the fixed seconds per
+    microbatch of boundary b's activation and gradient transfers (a link is a pipeline stage of
+    its own). ``forbid`` maps stage -> unit -> strategy indices fixed to 0 (a tensor crossing
+    stages must not be left Partial); ``fixed`` per stage as in :func:`build`. Returns one
+    Model per stage, sharing the solver."""
+    solver = pywraplp.Solver.CreateSolver(backend)
+    if solver is None:
+        raise RuntimeError(f"OR-Tools backend {backend!r} is not available")
+    inf = solver.infinity()
+    m = cgs[0].candidate.num_microbatches
+    T = solver.NumVar(max(link_s, default=0.0) * MS, inf, "T")
+    Q = solver.NumVar(0.0, inf, "Q")
+    obj: Terms = {T: m - 1.0, Q: 1.0}
+    models = []
+    root = solver
+    for k, cg in enumerate(cgs):
+        solver = _Tagged(root, f"s{k}.")  # OR-Tools wants unique names across the stages
+        x = _strategy_vars(solver, cg)
+        for u, idxs in (forbid or {}).get(k, {}).items():
+            for s in idxs:
+                x[u][s].SetUb(0)
+        w = _config_vars(solver, cg, (fixed or [{}] * len(cgs))[k])
+        y = _state_vars(solver, cg, x, w)
+        z = _edge_vars(solver, cg, x)
+        r, o, R, O = _block_policy_vars(solver, cg, x, {})
+        t = _stage_time(solver, cg, x, z, R, O)
+        _memory(solver, cg, x, y, R, O)
+        _step_bound(solver, cg, x, y, t[:-1], Q)
+        for ti in t[:-1]:
+            _add(obj, ti, 1.0)
+        _constraint(solver, {T: 1.0, t[-1]: -1.0}, 0, inf)
+        models.append(Model(root, x, w, r, o, t))
+    solver = root
+    objective = solver.Objective()
+    for v, c in obj.items():
+        objective.SetCoefficient(v, c)
+    objective.SetOffset(sum(link_s) * MS)
+    objective.SetMinimization()
+    if cutoff_s is not None and math.isfinite(cutoff_s):
+        _constraint(solver, obj, -inf, (cutoff_s - sum(link_s)) * MS, "cutoff")
+    return models
 
 
 def build_relaxed(cg: CostedGraph, places: tuple[str, ...] = ("block", "prefix", "suffix"),

@@ -2,7 +2,8 @@
 
 Candidates: every (pp, dp, tp) with pp*dp*tp = world size, tp dividing the node size (tensor
 parallelism stays inside a node), pp <= number of blocks, every microbatch count m with
-B % (dp m) == 0, the schedules of :func:`.pipeline.schedules` and the stage sizes of
+B % (dp m) == 0 (and m >= pp for pipelines: torch.distributed.pipelining's schedules, which the
+runtime uses, refuse fewer microbatches than stages), the schedules of :func:`.pipeline.schedules` and the stage sizes of
 :func:`.pipeline.partitions`. Constraints pin any of these.
 
 Pruning (loss-free): every candidate gets a lower bound from the per-node compute alone,
@@ -135,6 +136,8 @@ def search(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluster,
         if B % dp:
             continue
         ms = _divisors(B // dp)
+        if pp > 1:  # torch.distributed.pipelining's schedules (the runtime's) need m >= pp
+            ms = [m for m in ms if m >= pp]
         if "num_microbatches" in constraints:
             ms = [m for m in ms if m == constraints["num_microbatches"]]
         if "microbatch_size" in constraints:

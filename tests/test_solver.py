@@ -99,10 +99,14 @@ def test_slow_network_picks_a_pipeline():
 
 
 def test_heterogeneous_faster_group_gets_more_blocks(gpt_small_graph):
-    p = solve(gpt_small_graph, "h100x8+a100x8", precision="bf16-mixed", constraints={"pp": 2, "tp": 8})
+    p = solve(gpt_small_graph, "h100x8+a100x8", precision="bf16-mixed",
+              constraints={"pp": 2, "tp": 8, "schedule": "1f1b"})
     s0, s1 = p.pipeline.stages
     assert s0.device.startswith("h100") and s1.device.startswith("a100")
-    assert len(s0.blocks) > len(s1.blocks)
+    # balanced by each group's own costs (the embedding rides on the h100 stage, the LM head on
+    # the a100 one): stage times within one block's time, the faster group never gets fewer blocks
+    assert len(s0.blocks) >= len(s1.blocks)
+    assert abs(s0.compute_s - s1.compute_s) <= s1.compute_s / len(s1.blocks)
 
 
 def test_deterministic(gpt_small_graph):
