@@ -3,6 +3,7 @@ and a zoo model trained for 2 steps. Needs the runtime launcher and the solver."
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -37,7 +38,8 @@ print(f"RESULT rank={rank} type={type(model).__name__} dp={model.plan.mesh['dp']
 
 
 def _results(text):
-    return sorted(line.split(" ", 1)[1] for line in text.splitlines() if line.startswith("RESULT"))
+    # ranks share one stdout pipe, so two ranks' lines can arrive interleaved on one line
+    return sorted(re.findall(r"RESULT (rank=\d+ type=\w+ dp=\d+ losses=[-0-9.]+,[-0-9.]+\d)", text))
 
 
 def test_run_script_on_two_processes_and_as_one(tmp_path):
