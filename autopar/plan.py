@@ -305,6 +305,10 @@ class Plan:
                 f.write(self.to_json())
                 f.flush()
                 os.fsync(f.fileno())
+            # mkstemp creates 0600; give the plan the mode any new file would get (umask)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

@@ -1,5 +1,6 @@
 """Plan schema: JSON round trip, JSON Schema, and errors that name the field."""
 import json
+import os
 
 import pytest
 
@@ -114,6 +115,9 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "plan.json"
     p.save(path)
     assert Plan.load(path) == p
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
     def boom(self, indent=2):
         raise RuntimeError("disk full")
