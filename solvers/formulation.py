@@ -171,23 +171,30 @@ def _state_vars(solver, cg: CostedGraph, x, w) -> dict[str, dict]:
     return y
 
 
+def _pair_vars(solver, e, x) -> dict:
+    """Indicators z[s, t] of one edge with both marginals (the tight form of Alpa's
+    linearisation: sum_t z[s,t] = x[src,s], sum_s z[s,t] = x[dst,t]); infinite-cost pairs are
+    fixed to 0."""
+    zs = {}
+    for a, row in enumerate(e.cost_s):
+        for b, c in enumerate(row):
+            zs[a, b] = solver.NumVar(0.0, 0.0 if math.isinf(c) else 1.0, "")
+    for a in range(len(e.cost_s)):
+        terms = {zs[a, b]: 1.0 for b in range(len(e.cost_s[a]))}
+        terms[x[e.src][a]] = -1.0
+        _constraint(solver, terms, 0, 0)
+    for b in range(len(e.cost_s[0])):
+        terms = {zs[a, b]: 1.0 for a in range(len(e.cost_s))}
+        terms[x[e.dst][b]] = -1.0
+        _constraint(solver, terms, 0, 0)
+    return zs
+
+
 def _edge_vars(solver, cg: CostedGraph, x) -> dict[int, dict]:
-    """Edge (s, t) indicators with both marginals (the tight form of Alpa's linearisation:
-    sum_t z[s,t] = x[src,s], sum_s z[s,t] = x[dst,t]); infinite-cost pairs are fixed to 0."""
+    """Per edge, its pair indicators (:func:`_pair_vars`) that carry a finite positive cost."""
     z = {}
     for ei, e in enumerate(cg.edges):
-        zs = {}
-        for a, row in enumerate(e.cost_s):
-            for b, c in enumerate(row):
-                zs[a, b] = solver.NumVar(0.0, 0.0 if math.isinf(c) else 1.0, "")
-        for a in range(len(e.cost_s)):
-            terms = {zs[a, b]: 1.0 for b in range(len(e.cost_s[a]))}
-            terms[x[e.src][a]] = -1.0
-            _constraint(solver, terms, 0, 0)
-        for b in range(len(e.cost_s[0])):
-            terms = {zs[a, b]: 1.0 for a in range(len(e.cost_s))}
-            terms[x[e.dst][b]] = -1.0
-            _constraint(solver, terms, 0, 0)
+        zs = _pair_vars(solver, e, x)
         z[ei] = {k: v for k, v in zs.items() if not math.isinf(e.cost_s[k[0]][k[1]]) and e.cost_s[k[0]][k[1]] > 0}
     return z
 
@@ -483,20 +490,11 @@ def build_relaxed(cg: CostedGraph, places: tuple[str, ...] = ("block", "prefix",
             k = 1
         if not k:
             continue
-        zs = {}
-        for a, row in enumerate(e.cost_s):
-            for b, c in enumerate(row):
-                zs[a, b] = solver.NumVar(0.0, 0.0 if math.isinf(c) else 1.0, "")
-                if not math.isinf(c):
-                    _add(obj, zs[a, b], k * MS * c)
-        for a in range(len(e.cost_s)):
-            terms = {zs[a, b]: 1.0 for b in range(len(e.cost_s[a]))}
-            terms[x[e.src][a]] = -1.0
-            _constraint(solver, terms, 0, 0)
-        for b in range(len(e.cost_s[0])):
-            terms = {zs[a, b]: 1.0 for a in range(len(e.cost_s))}
-            terms[x[e.dst][b]] = -1.0
-            _constraint(solver, terms, 0, 0)
+        zs = _pair_vars(solver, e, x)
+        for (a, b), var in zs.items():
+            c = e.cost_s[a][b]
+            if not math.isinf(c):
+                _add(obj, var, k * MS * c)
     objective = solver.Objective()
     for v, k in obj.items():
         objective.SetCoefficient(v, k)
