@@ -472,6 +472,94 @@ def program_alias(program: Program, name: str, gm: fx.GraphModule) -> str:
 # the module
 
 
+#: Bytes of gradients summed by one dp all-reduce: DDP's default ``bucket_cap_mb=25``
+#: (torch.nn.parallel.DistributedDataParallel). The cost model prices dp gradient sync in
+#: buckets of the same size (``autopar.solvers.costed.BUCKET_BYTES``).
+BUCKET_BYTES = 25 * 2**20
+
+
+class _GradBuckets:
+    """Gradient all-reduces in buckets, the way DDP does them (one set of buckets per group of
+    mesh axes the gradients are pending sums over: dp, tp, or both).
+
+    Parameters are assigned to buckets in reverse registration order (roughly the order the
+    backward produces their gradients), up to ``BUCKET_BYTES`` of local gradient each, at the
+    first :meth:`finish` (the local gradient sizes are known then). During the last
+    microbatch's backward :meth:`ready` marks a gradient final; when every gradient of a
+    bucket is final, its local gradients are copied into one flat buffer and an async
+    all-reduce of the buffer starts. :meth:`finish` starts the buckets that did not fill
+    (unused parameters, a backward run without the hook) and a last one for gradients no
+    bucket holds (parameters first used after the first step), waits for all, and copies the
+    sums back. Every rank builds the same buckets from the same graph and launches them in
+    the same order, which gloo and NCCL require.
+    """
+
+    def __init__(self, order: list[str], groups: tuple) -> None:
+        self.order = list(reversed(order))
+        self.groups = groups  # summed over each in turn: over dp, tp or both
+        self.members: list[list[str]] = []
+        self.bucket_of: dict[str, int] = {}
+        self._ready: dict[int, dict[str, Any]] = {}  # bucket -> fqn -> final grad
+        self._works: list[tuple[Any, torch.Tensor, list[Any]]] = []
+        self._launched: set[int] = set()
+
+    def _assign(self, grads: dict[str, Any]) -> None:
+        size = 0
+        for fqn in self.order:
+            if fqn not in grads:
+                continue
+            loc = grads[fqn]._local_tensor
+            nbytes = loc.numel() * loc.element_size()
+            if not self.members or (self.members[-1] and size + nbytes > BUCKET_BYTES):
+                self.members.append([])
+                size = 0
+            self.members[-1].append(fqn)
+            self.bucket_of[fqn] = len(self.members) - 1
+            size += nbytes
+
+    def ready(self, fqn: str, grad) -> None:
+        b = self.bucket_of.get(fqn)
+        if b is None or b in self._launched:
+            return  # finish() takes it
+        got = self._ready.setdefault(b, {})
+        got[fqn] = grad
+        if len(got) == len(self.members[b]):
+            self._launch(b, [got[f] for f in self.members[b]])
+
+    def _launch(self, b: "int | None", grads: list[Any]) -> None:
+        if b is not None:
+            self._launched.add(b)
+            self._ready.pop(b, None)
+        if not grads:
+            return
+        locs = [g._local_tensor for g in grads]
+        flat = torch.cat([t.reshape(-1) for t in locs])
+        # over two axes: the first sum is waited for before the second starts (rare: a grad
+        # Partial on both dp and tp); over one, the all-reduce runs behind the backward
+        for grp in self.groups[:-1]:
+            dist.all_reduce(flat, group=grp)
+        self._works.append((dist.all_reduce(flat, group=self.groups[-1], async_op=True), flat, locs))
+
+    def finish(self, grads: dict[str, Any]) -> None:
+        """Sum every gradient in ``grads`` (fqn -> Partial DTensor grad) over dp, in place."""
+        if not self.members:
+            self._assign(grads)
+        for b, names in enumerate(self.members):
+            if b not in self._launched:
+                self._launch(b, [grads[f] for f in names if f in grads])
+        late = [g for f, g in grads.items() if f not in self.bucket_of]
+        self._launch(None, late)
+        for work, flat, locs in self._works:
+            work.wait()
+            off = 0
+            for loc in locs:
+                loc.copy_(flat[off:off + loc.numel()].view_as(loc))
+                off += loc.numel()
+        self._works.clear()
+        self._launched.clear()
+        self._ready.clear()
+
+
 class ParallelModule(nn.Module):
     """The model as this rank runs it under a Plan.
 
@@ -499,7 +587,7 @@ class ParallelModule(nn.Module):
         self.executor = self.executors[self.local_stages[0]]
         self._defer_sync = False
         self._overlap = False  # set during the last microbatch's backward (see _grad_hook)
-        self._pending: dict[str, Any] = {}  # fqn -> async all-reduce work
+        self._bucket_sets: dict[tuple[int, ...], _GradBuckets] = {}  # Partial axes -> buckets
         self._opt = None
         self._opt_key = None
         self._views: dict[str, nn.Parameter] = {}  # optimizer's plain views
@@ -518,20 +606,39 @@ class ParallelModule(nn.Module):
     # -- grads
     def _grad_hook(self, fqn: str):
         def hook(p):
-            if self._overlap and self._bucketable(p):
-                # last microbatch: this grad is final, start its dp all-reduce while the rest of
-                # the backward runs (DDP's overlap); sync_grads waits for it
-                self._pending[fqn] = dist.all_reduce(p.grad._local_tensor, group=self.rmesh.dp_group,
-                                                     async_op=True)
+            axes = self._sum_axes(p) if self._overlap else ()
+            if axes:
+                # last microbatch: this grad is final; when its bucket is complete the bucket's
+                # all-reduce starts while the rest of the backward runs (DDP's overlap)
+                self._buckets(axes).ready(fqn, p.grad)
             elif not self._defer_sync:
                 self._sync_one(fqn, p)
         return hook
 
-    def _bucketable(self, p) -> bool:
+    def _sum_axes(self, p) -> tuple[int, ...]:
+        """Mesh axes (0 = dp, 1 = tp) over which ``p``'s grad is a pending sum that the
+        parameter stores replicated, when that is all that differs: such grads are summed in
+        buckets. () when the grad needs anything else (then DTensor's redistribute does it)."""
         g = p.grad
-        return (self.plan.mesh["dp"] > 1 and isinstance(g, DTensor) and g.placements[0].is_partial()
-                and type(g.placements[0]) is DPartial and g.placements[0].reduce_op == "sum"
-                and p.placements[0].is_replicate() and g.placements[1] == p.placements[1])
+        if not isinstance(g, DTensor):
+            return ()
+        axes = []
+        for i, (gp, pp) in enumerate(zip(g.placements, p.placements)):
+            if gp == pp:
+                continue
+            if type(gp) is DPartial and gp.reduce_op == "sum" and pp.is_replicate() and self.plan.mesh[
+                    ("dp", "tp")[i]] > 1:
+                axes.append(i)
+            else:
+                return ()
+        return tuple(axes)
+
+    def _buckets(self, axes: tuple[int, ...]) -> "_GradBuckets":
+        b = self._bucket_sets.get(axes)
+        if b is None:
+            groups = tuple(self.rmesh.dp_group if i == 0 else self.rmesh.tp_group for i in axes)
+            b = self._bucket_sets[axes] = _GradBuckets(list(self.local_params), groups)
+        return b
 
     def _sync_one(self, fqn: str, p) -> None:
         g = p.grad
@@ -545,25 +652,26 @@ class ParallelModule(nn.Module):
     def sync_grads(self) -> None:
         """Make every grad equal to its parameter's storage placement (dp all-reduce etc.).
 
-        The common case - a grad that is ``Partial`` on dp where the parameter is ``Replicate``,
-        equal on tp - is an all-reduce on the local grad (no DTensor dispatch, no copy), started
-        during the backward of the last microbatch by the grad hook (overlapped, as DDP does) or
-        here; everything else goes through DTensor's redistribute.
+        The common case - a grad that is ``Partial`` (a pending sum) on dp and/or tp where the
+        parameter is ``Replicate``, equal elsewhere - is summed in buckets of about
+        ``BUCKET_BYTES`` (one all-reduce of a flat buffer per bucket, as DDP does: one latency
+        per bucket, not per parameter), started during the backward of the last microbatch by
+        the grad hook (overlapped) or here; everything else goes through DTensor's
+        redistribute.
         """
-        works = dict(self._pending)
-        self._pending.clear()
+        summed: dict[tuple[int, ...], dict[str, Any]] = {}
         for fqn, p in self.local_params.items():
-            if fqn in works:
-                continue
-            if self._bucketable(p):
-                works[fqn] = dist.all_reduce(p.grad._local_tensor, group=self.rmesh.dp_group, async_op=True)
+            axes = self._sum_axes(p)
+            if axes:
+                summed.setdefault(axes, {})[fqn] = p.grad
             else:
                 self._sync_one(fqn, p)
-        for fqn, w in works.items():
-            w.wait()
+        for axes in sorted(set(summed) | set(self._bucket_sets)):  # the same order on every rank
+            self._buckets(axes).finish(summed.get(axes, {}))
+        for fqn in (f for grads in summed.values() for f in grads):
             p = self.local_params[fqn]
             p.grad = DTensor.from_local(p.grad._local_tensor, p.device_mesh, p.placements, run_check=False,
-                                            shape=p.shape, stride=p.stride())
+                                        shape=p.shape, stride=p.stride())
 
     # -- data
     def _shard_batch(self, x: Any) -> Any:

@@ -151,6 +151,15 @@ def run_case(case: str, ckpt_root: str) -> dict:
                 return {"case": case, "ok": True, "refused": str(e)[:300]}
             raise
         raise AssertionError(f"expected an error mentioning {opts['expect']!r}; the case ran")
+    if "bucket" in opts:  # dp gradient buckets of this many bytes: many buckets, launched apart
+        import autopar.runtime.apply as apply_mod
+
+        saved = apply_mod.BUCKET_BYTES
+        apply_mod.BUCKET_BYTES = int(opts["bucket"])
+        try:
+            return _run_case(case, name, kind, opts, ckpt_root)
+        finally:
+            apply_mod.BUCKET_BYTES = saved
     return _run_case(case, name, kind, opts, ckpt_root)
 
 
@@ -225,6 +234,10 @@ def _run_case(case: str, name: str, kind: str, opts: dict, ckpt_root: str) -> di
             load_checkpoint(pm2, opt2, path)
             losses.append(pm2.train_step(inputs, targets, loss_fn, opt2))
             pm = pm2
+    if "bucket" in opts:
+        buckets = sum(len(b.members) for b in pm._bucket_sets.values())
+        if buckets < 2:
+            raise AssertionError(f"bucket={opts['bucket']}: expected several gradient buckets, got {buckets}")
     # grads are left in each parameter's storage placement (a dp-replicated weight's grad comes
     # out of DTensor Partial on dp; sync_grads must have all-reduced it)
     for fqn, p in pm.local_params.items():

@@ -18,6 +18,8 @@ from autopar.runtime.testing import run_workers
 CASES_2 = [
     "mlp:dp", "mlp:fsdp", "mlp:tp",
     "gpt:dp:probe=1", "gpt:fsdp", "gpt:tp", "gpt_tied:tp", "gpt:dp:mb=2",
+    # dp gradients in many small buckets (all-reduces launched from the backward), 2 microbatches
+    "gpt:dp:bucket=20000,mb=2",
     "gpt:fsdp:zero=2",
     "gpt:pp:mb=2", "gpt:pp:schedule=1f1b,mb=4", "gpt:pp:v=2,mb=4",
     "gpt:dp:recompute=1", "gpt:tp:offload=1", "gpt:dp:opt=adam",
@@ -43,10 +45,11 @@ CASES_4 = [
     "gpt:dp_tp:ckpt=pp_dp",
     "gpt:dp_tp:opt=adam,load=ws2",
     "gpt:pp_dp:v=2,mb=2",
-    "llama:dp_tp", "llama:pp_dp:mb=2", "hf_gpt2:dp_tp", "hf_llama:dp_tp",
+    "llama:dp_tp", "llama:dp_tp:bucket=20000", "llama:pp_dp:mb=2", "hf_gpt2:dp_tp", "hf_llama:dp_tp",
     "gpt:solver", "mlp:solver", "llama:solver",
-    # the solver's plan with the mesh pinned (its placements, not make_plan's)
-    "llama:solver:dp=2,tp=2", "gpt:solver:pp=2,dp=2,mb=2", "llama:solver:tp=4",
+    # the solver's plan with the mesh pinned (its placements, not make_plan's); its tp=4 plans
+    # may shard the batch on tp, leaving grads that are pending sums over tp (bucketed too)
+    "llama:solver:dp=2,tp=2", "gpt:solver:pp=2,dp=2,mb=2", "llama:solver:tp=4", "gpt:solver:tp=4",
 ]
 
 
