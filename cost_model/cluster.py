@@ -38,6 +38,22 @@ class LinkSpec:
     link-wide pair for that collective. A profiled gloo link needs them: gloo's
     reduce_scatter, for one, costs about as much as its all_reduce, which no single
     alpha-beta pair with ring factors can express. Catalog links leave it empty.
+
+    What ranks that also compute see (measured by ``autopar profile`` on local processes, where
+    ranks share cores and time slices; catalog links keep the defaults, i.e. these effects are
+    not modelled for them):
+
+    - skew_fraction: ranks that run the same work between two synchronising collectives do not
+      arrive together; the wait for the last one, per second of work between collectives, is
+      this fraction (measured: the time of compute + a small all-reduce, minus each alone, at
+      two compute lengths; the slope). The cost model stretches a multi-rank step's compute by
+      ``1 + skew_fraction``. Default 0.
+    - sync_s: the part of that wait that does not grow with the work (waking the other ranks'
+      communication threads); added to every collective. Default 0.
+    - overlap_efficiency: the fraction of an asynchronous collective that hides behind compute
+      running at the same time (1 = fully hidden, as DDP's gradient all-reduce behind the
+      backward on GPUs with NCCL; 0 = none, as on CPU ranks that already use every core).
+      Default 1.
     """
 
     name: str
@@ -45,6 +61,9 @@ class LinkSpec:
     latency: float
     provenance: Provenance
     collective_fits: tuple[tuple[str, float, float], ...] = ()
+    skew_fraction: float = 0.0
+    sync_s: float = 0.0
+    overlap_efficiency: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -59,6 +78,10 @@ class LinkSpec:
         for k, a, b in fits:
             _check_positive(owner, f"collective_fits[{k!r}].latency", a, allow_zero=True)
             _check_positive(owner, f"collective_fits[{k!r}].bandwidth", b)
+        _check_positive(owner, "skew_fraction", self.skew_fraction, allow_zero=True)
+        _check_positive(owner, "sync_s", self.sync_s, allow_zero=True)
+        if not (isinstance(self.overlap_efficiency, (int, float)) and 0.0 <= self.overlap_efficiency <= 1.0):
+            raise ValueError(f"{owner}.overlap_efficiency must be in [0, 1], got {self.overlap_efficiency!r}")
 
     def alpha_beta(self, kind: str) -> tuple[float, float]:
         """(latency, bandwidth) to use for collective ``kind``."""
@@ -75,6 +98,9 @@ class LinkSpec:
              "provenance": self.provenance.to_json()}
         if self.collective_fits:
             d["collective_fits"] = {k: {"latency": a, "bandwidth": b} for k, a, b in self.collective_fits}
+        if self.skew_fraction or self.sync_s or self.overlap_efficiency != 1.0:
+            d.update(skew_fraction=self.skew_fraction, sync_s=self.sync_s,
+                     overlap_efficiency=self.overlap_efficiency)
         return d
 
     @classmethod
@@ -82,7 +108,9 @@ class LinkSpec:
         fits = tuple((k, float(v["latency"]), float(v["bandwidth"]))
                      for k, v in d.get("collective_fits", {}).items())
         return cls(name=d["name"], bandwidth=float(d["bandwidth"]), latency=float(d["latency"]),
-                   provenance=Provenance.from_json(d["provenance"]), collective_fits=fits)
+                   provenance=Provenance.from_json(d["provenance"]), collective_fits=fits,
+                   skew_fraction=float(d.get("skew_fraction", 0.0)), sync_s=float(d.get("sync_s", 0.0)),
+                   overlap_efficiency=float(d.get("overlap_efficiency", 1.0)))
 
 
 @dataclass(frozen=True, slots=True)

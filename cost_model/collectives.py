@@ -25,7 +25,9 @@ does; ``"ring"`` / ``"tree"`` force one.
 A link may carry measured per-collective (alpha, beta) pairs (``LinkSpec.collective_fits``,
 written by ``autopar profile``); they replace the link-wide pair for that collective, and
 a measured all_reduce is used in its ring form only (the backend's own algorithm choice is
-already in the measurement).
+already in the measurement). A profiled link's ``sync_s`` (the fixed wait for ranks that
+arrive from their own compute, measured in place; 0 for catalog links) is added to every
+collective.
 """
 from __future__ import annotations
 
@@ -60,6 +62,10 @@ def collective_time(kind: str, nbytes: float, n: int, link: LinkSpec, algorithm:
     _check(kind, nbytes, n)
     if n == 1 or nbytes == 0:
         return 0.0
+    return link.sync_s + _alpha_beta_time(kind, nbytes, n, link, algorithm)
+
+
+def _alpha_beta_time(kind: str, nbytes: float, n: int, link: LinkSpec, algorithm: str) -> float:
     alpha, bw = link.alpha_beta(kind)
     if kind == "all_reduce" and link.has_fit(kind):
         # measured on this backend: its own algorithm is in the fit, use the ring form

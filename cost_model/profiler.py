@@ -134,33 +134,47 @@ def matmul_samples(sizes: Sequence[int], dtypes: Sequence[str], device: str = "c
 
 
 def concurrent_matmul_samples(sizes: Sequence[int], dtypes: Sequence[str], window_s: float,
-                              barrier: Callable[[], None]) -> dict[str, list[tuple[float, float]]]:
+                              barrier: Callable[[], None], rounds: Optional[dict] = None
+                              ) -> dict[str, list[tuple[float, float]]]:
     """Like :func:`matmul_samples`, but every process starts each point after ``barrier`` and
     keeps multiplying for ``window_s`` seconds of wall time, so all processes overlap for the
-    whole window (short fixed-repetition loops would drift apart and each run alone)."""
+    whole window (short fixed-repetition loops would drift apart and each run alone).
+
+    A dtype in ``rounds`` (default: fp32, the dtype CPU training runs in, 5 rounds) is swept
+    that many times, sizes interleaved, and each point is the total time over the total calls
+    of its windows: on a shared host the speed drifts by +-20 % from one half second to the
+    next (seen on the 2-core development VM: 143-356 GFLOP/s in 0.5 s windows of one 1024^3
+    fp32 matmul), and a step time averages over such drift, so the figure must too."""
     import torch
 
+    rounds = {"fp32": 5} if rounds is None else rounds
     out: dict[str, list[tuple[float, float]]] = {}
     for d in dtypes:
-        rows = []
+        ops = {}
         for n in sizes:
             a = torch.randn(n, n).to(_torch_dtype(d))
             b = torch.randn(n, n).to(_torch_dtype(d))
             torch.mm(a, b)
-            barrier()
-            calls, start = 0, time.perf_counter()
-            while True:
-                torch.mm(a, b)
-                calls += 1
-                elapsed = time.perf_counter() - start
-                if elapsed >= window_s:
-                    break
-            # wall time per call over the whole window, NOT the median call: with more
-            # processes than cores a process is descheduled for whole time slices, and a call
-            # shorter than a slice usually runs uninterrupted, so the median call would show
-            # a whole core's speed while the process gets only its share of the machine.
-            rows.append((2.0 * n ** 3, elapsed / calls))
-        out[d] = rows
+            ops[n] = (a, b)
+        total = {n: [0.0, 0] for n in sizes}
+        for _ in range(max(1, rounds.get(d, 1))):
+            for n in sizes:
+                a, b = ops[n]
+                barrier()
+                calls, start = 0, time.perf_counter()
+                while True:
+                    torch.mm(a, b)
+                    calls += 1
+                    elapsed = time.perf_counter() - start
+                    if elapsed >= window_s:
+                        break
+                # wall time per call over the whole window, NOT the median call: with more
+                # processes than cores a process is descheduled for whole time slices, and a call
+                # shorter than a slice usually runs uninterrupted, so the median call would show
+                # a whole core's speed while the process gets only its share of the machine.
+                total[n][0] += elapsed
+                total[n][1] += calls
+        out[d] = [(2.0 * n ** 3, total[n][0] / total[n][1]) for n in sizes]
     return out
 
 
@@ -583,6 +597,97 @@ def _collective_samples(rank: int, n: int, group, sizes: Sequence[int], device: 
     return out
 
 
+def _work_segment(k: int) -> None:
+    """``k`` small matmuls: the stand-in for a rank's compute between two collectives."""
+    import torch
+
+    a = _SEGMENT_OPERANDS.get("a")
+    if a is None:
+        a = _SEGMENT_OPERANDS["a"] = torch.randn(128, 128)
+    for _ in range(k):
+        torch.mm(a, a)
+
+
+_SEGMENT_OPERANDS: dict = {}
+
+
+def sync_costs(group, n: int, segments_s: tuple[float, float] = (0.002, 0.012), reps: int = 15,
+               small_bytes: int = 1 << 12, big_bytes: int = 1 << 22) -> dict:
+    """What a collective costs ranks that also compute, measured in place (CPU ranks).
+
+    Idle ranks (:func:`_collective_samples`) see the link alone. In a training step every rank
+    computes between collectives; ranks that share cores and time slices (or are just noisy)
+    then arrive apart, and the early ones wait. Per compute length S in ``segments_s``, all
+    ranks at once: ``T_both(S)`` = median of (S of small matmuls + a ``small_bytes``
+    all-reduce), ``T_work(S)`` = median of the matmuls alone, ``T_idle`` = the all-reduce alone
+    after a barrier; the extra wait is ``T_both - T_work - T_idle``. A line through the two
+    lengths gives ``skew_fraction`` (wait per second of work) and ``sync_s`` (the constant part),
+    both clipped at 0. ``overlap_efficiency``: a ``big_bytes`` all-reduce started async, then
+    about as much compute, then the wait: ``(T_work + T_coll - T_both) / min(T_work, T_coll)``,
+    clipped to [0, 1] (1 = the collective hid behind the compute). Each figure is the mean over
+    the ranks (gathered), so one rank's luck does not decide it. Returns the figures and the
+    raw samples."""
+    import torch
+    import torch.distributed as dist
+
+    def barrier() -> None:
+        dist.barrier(group=group)
+
+    # calibrate the matmul rate with every rank computing, as in the measurement
+    barrier()
+    _work_segment(20)
+    t0 = time.perf_counter()
+    _work_segment(100)
+    per_call = (time.perf_counter() - t0) / 100
+    small = torch.ones(max(1, small_bytes // 4))
+    big = torch.ones(max(1, big_bytes // 4))
+
+    def med(fn: Callable[[], None], each_barrier: bool = False) -> float:
+        samples = []
+        fn()
+        barrier()
+        for _ in range(reps):
+            if each_barrier:
+                barrier()
+            t = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t)
+        return statistics.median(samples)
+
+    t_idle = med(lambda: dist.all_reduce(small, group=group), each_barrier=True)
+    points = []
+    for seg in segments_s:
+        k = max(1, round(seg / per_call))
+        t_work = med(lambda: _work_segment(k))
+        t_both = med(lambda: (_work_segment(k), dist.all_reduce(small, group=group)))
+        points.append((t_work, max(0.0, t_both - t_work - t_idle)))
+    t_coll = med(lambda: dist.all_reduce(big, group=group), each_barrier=True)
+    k = max(1, round(t_coll / per_call))
+    t_work = med(lambda: _work_segment(k))
+
+    def overlapped() -> None:
+        w = dist.all_reduce(big, group=group, async_op=True)
+        _work_segment(k)
+        w.wait()
+    t_ovl = med(overlapped)
+    mine = {"points": points, "t_idle": t_idle, "t_coll": t_coll, "t_work": t_work, "t_overlap": t_ovl}
+    every: list = [None] * n
+    dist.all_gather_object(every, mine, group=group)
+    (x1, _), (x2, _) = every[0]["points"]
+    y1 = statistics.fmean(r["points"][0][1] for r in every)
+    y2 = statistics.fmean(r["points"][1][1] for r in every)
+    x1 = statistics.fmean(r["points"][0][0] for r in every)
+    x2 = statistics.fmean(r["points"][1][0] for r in every)
+    frac = max(0.0, (y2 - y1) / (x2 - x1)) if x2 > x1 else 0.0
+    const = max(0.0, y1 - frac * x1)
+    effs = []
+    for r in every:
+        hidden = r["t_work"] + r["t_coll"] - r["t_overlap"]
+        effs.append(min(1.0, max(0.0, hidden / max(1e-12, min(r["t_work"], r["t_coll"])))))
+    return {"skew_fraction": frac, "sync_s": const, "overlap_efficiency": statistics.fmean(effs),
+            "samples": every}
+
+
 def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> None:
     import torch
     import torch.distributed as dist
@@ -600,7 +705,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
     device = f"cuda:{rank}" if use_cuda else "cpu"
     cores = os.cpu_count() or 1
     result: dict = {"matmul": {}, "stream": {}, "collectives": {}, "threads": {}, "dtensor_overhead": {},
-                    "kernels": {}, "optimizer": {}, "first_touch": {}, "runtime_overhead": {}, "runtime_overhead_error": ""}
+                    "kernels": {}, "optimizer": {}, "first_touch": {}, "runtime_overhead": {}, "runtime_overhead_error": "", "sync": {}}
     try:
         solo = dist.new_group([0])  # one process with every core: the 1-process runtime's dispatch
         torch.set_num_threads(cores)
@@ -632,6 +737,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
                     except Exception as e:  # noqa: BLE001 - recorded; the profile falls back
                         result["runtime_overhead_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 result["collectives"][n] = _collective_samples(rank, n, group, cfg["coll_bytes"], device)
+                if not use_cuda:
+                    result["sync"][n] = sync_costs(group, n)
                 result["threads"][n] = threads
             dist.barrier()
         if rank == 0:
@@ -856,13 +963,25 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
                 "joint": fit_check(usable, n, lambda k: (alpha, bw)),
                 "per_collective": fit_check(usable, n, lambda k: per_kind.get(k, (alpha, bw)))}
             skipped = sorted(k for k, v in coll.items() if not isinstance(v, list))
+            sync = result.get("sync", {}).get(key)
+            if sync:
+                raw.setdefault("sync", {})[key] = sync
+                in_place = dict(skew_fraction=sync["skew_fraction"], sync_s=sync["sync_s"],
+                                overlap_efficiency=sync["overlap_efficiency"])
+                in_place_note = "; skew_fraction, sync_s, overlap_efficiency measured in place (sync_costs)"
+            else:  # GPUs: not measured, the catalog's defaults (no skew, full overlap)
+                in_place, in_place_note = {}, "; skew and overlap not measured (defaults)"
             links[n] = LinkSpec(
                 name="local-nccl" if use_cuda else "local-gloo", bandwidth=bw, latency=alpha,
                 provenance=prov(f"{n} processes; joint alpha-beta fit over {sorted(usable)}, "
-                                f"plus one fit per collective" + (f"; unsupported: {skipped}" if skipped else "")),
-                collective_fits=tuple((k, a, b) for k, (a, b) in sorted(per_kind.items())))
+                                f"plus one fit per collective" + (f"; unsupported: {skipped}" if skipped else "")
+                                + in_place_note),
+                collective_fits=tuple((k, a, b) for k, (a, b) in sorted(per_kind.items())), **in_place)
             say(f"{n} processes: link {bw / 1e9:.2f} GB/s, {alpha * 1e6:.1f} us"
-                + (f" (unsupported: {', '.join(skipped)})" if skipped else ""))
+                + (f" (unsupported: {', '.join(skipped)})" if skipped else "")
+                + (f"; ranks that compute: skew {in_place['skew_fraction']:.2f} of the work between "
+                   f"collectives + {in_place['sync_s'] * 1e3:.2f} ms each, overlap "
+                   f"{in_place['overlap_efficiency']:.2f}" if in_place else ""))
             if not cuda:
                 mm = result["matmul"][key]
                 raw["matmul"][key] = mm

@@ -60,6 +60,11 @@ def test_profile_smoke_two_processes(tmp_path, monkeypatch):
     link = cluster.groups[0].intra_node_link
     assert link.has_fit("all_reduce") and link.has_fit("all_gather")
     assert raw["fit_check"]["2"]["per_collective"]["all_reduce"]["max_rel_err"] >= 0
+    # what ranks that also compute see, measured in place: in range, and from samples of both ranks
+    assert 0 <= link.overlap_efficiency <= 1 and link.skew_fraction >= 0 and link.sync_s >= 0
+    sync = raw["sync"]["2"]
+    assert len(sync["samples"]) == 2 and len(sync["samples"][0]["points"]) == 2
+    assert sync["skew_fraction"] == link.skew_fraction and "in place" in link.provenance.notes
     # the per-op cost is the runtime's DTensor dispatch, measured alone and with 2 ranks at once
     assert set(raw["dtensor_op_overhead"]) == {"1", "2"}
     assert cluster.groups[0].device.op_overhead_s == max(raw["op_overhead"]["1"], raw["dtensor_op_overhead"]["2"])
