@@ -420,6 +420,9 @@ class CostedGraph:
     host_bw: Mapping[str, float]  # device -> host link bytes/s (0 = none)
     microbatch_size: int
     allowed: frozenset[str]
+    #: fraction of asynchronous communication that hides behind compute (the candidate's
+    #: slowest-overlapping link; LinkSpec.overlap_efficiency): 1 = all of it, 0 = none
+    overlap_efficiency: float = 1.0
 
     def node(self, name: str) -> NodeCosts:
         for n in self.nodes:
@@ -502,6 +505,10 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
     m = cand.num_microbatches
     dtype = _dtype(precision)
     links = {a: _link(cluster, mesh, a, table_cache) for a in ("dp", "tp") if mesh[a] > 1}
+    # ranks that synchronise arrive apart: a multi-rank step's compute is stretched by the
+    # wait for the last rank (LinkSpec.skew_fraction, measured in place; 0 for catalog links)
+    stretch = 1.0 + max((_link(cluster, mesh, a, table_cache).skew_fraction
+                         for a in ("dp", "tp", "pp") if mesh[a] > 1), default=0.0)
     devices = {d.name: d for d in stage_devices}
     cache = strategy_cache if strategy_cache is not None else {}
 
@@ -547,8 +554,8 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
                 # measured runtime per-node overhead and non-matmul kernel rates where the device has them
                 t, b = node_time(flops, moved, elems, dtype, dev, kind, kernel_class(info.kind, info.target),
                                  out_bytes=out_bytes)
-                c_list.append(t + b)
-                f_list.append(t)
+                c_list.append(stretch * (t + b))
+                f_list.append(stretch * t)
             comp[dname] = tuple(c_list)
             fwd[dname] = tuple(f_list)
         saves = kind is not None and info.kind is not OpKind.INPUT
@@ -567,7 +574,7 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
         state = None
         if owned:
             state = {dname: tuple(tuple(_state_cost(g, owned, info, s, c, cand, precision, optimizer, links,
-                                                    dev, host_bandwidth) for c in configs) for s in ss)
+                                                    dev, host_bandwidth, stretch) for c in configs) for s in ss)
                      for dname, dev in devices.items()}
         nodes.append(NodeCosts(u, struct.place[u], tuple(ss), comp, fwd, act, outb, tuple(tp_sync), state))
 
@@ -610,8 +617,10 @@ def _finish(struct, cluster, cand, nodes, edges, configs, stage_devices, reserve
         p2p_b = p2p_l = 0.0
     host_bw = {n: (d.host_link_bandwidth if d.host_link != "none" else 0.0) for n, d in devices.items()}
     mbs = struct.graph.batch_size // (cand.dp * m) if struct.graph.batch_size % (cand.dp * m) == 0 else 1
+    overlap = min((_link(cluster, mesh, a, table_cache).overlap_efficiency
+                   for a in ("dp", "tp", "pp") if mesh[a] > 1), default=1.0)
     return CostedGraph(cand, tuple(nodes), tuple(edges), stages, configs, struct.num_blocks,
-                       struct.chain_outputs, p2p_b, p2p_l, host_bw, max(1, mbs), allowed)
+                       struct.chain_outputs, p2p_b, p2p_l, host_bw, max(1, mbs), allowed, overlap)
 
 
 def _link(cluster: Cluster, mesh: Mapping[str, int], axis: str, cache: Optional[dict]) -> LinkSpec:
@@ -688,8 +697,10 @@ def zero3_ok(spec: TensorSpec, pl: tuple, mesh: Mapping[str, int]) -> bool:
 
 
 def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: StateConfig, cand: Candidate,
-                precision: str, optimizer: str, links, dev: DeviceSpec, host_bw_cpu: float) -> StateCost:
-    """Training state of the params ``owned`` by a node under strategy s and config c."""
+                precision: str, optimizer: str, links, dev: DeviceSpec, host_bw_cpu: float,
+                stretch: float = 1.0) -> StateCost:
+    """Training state of the params ``owned`` by a node under strategy s and config c
+    (``stretch``: the skew factor applied to compute, here to the optimizer step)."""
     mesh = cand.mesh
     dp, m = cand.dp, cand.num_microbatches
     memory = working = overlap = sync = step = host = 0.0
@@ -718,22 +729,26 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
                 memory += b
         if z >= 3 or "params" in c.offload:
             working += 2 * full_p  # two layers gathered at a time (FSDP prefetch)
-        # data-parallel communication
+        # data-parallel communication, as the runtime (autopar.runtime.apply) issues it: ZeRO-0
+        # gradients are all-reduced in DDP-sized buckets (one flat copy of them in flight);
+        # ZeRO gathers and reduce-scatters are one collective per parameter (DTensor
+        # redistribute), issued where they are needed and waited for at once
         if dp > 1:
             dl = links["dp"]
             if z == 0:
                 sync += _bucketed("all_reduce", full_g, dp, dl)
+                working += full_g
             elif z == 1:  # updated params all-gathered after the optimizer step: exposed
-                sync += _bucketed("reduce_scatter", full_g, dp, dl)
-                step += _bucketed("all_gather", full_p, dp, dl)
+                sync += collective_time("reduce_scatter", full_g, dp, dl)
+                step += collective_time("all_gather", full_p, dp, dl)
             elif z == 2:  # gradients reduce-scattered every microbatch (they are not kept whole)
-                sync += _bucketed("reduce_scatter", full_g, dp, dl)
-                overlap += (m - 1) * _bucketed("reduce_scatter", full_g, dp, dl)
-                step += _bucketed("all_gather", full_p, dp, dl)
-            else:  # ZeRO-3: gather params for forward and backward of every microbatch
-                sync += _bucketed("reduce_scatter", full_g, dp, dl)
-                overlap += (m - 1) * _bucketed("reduce_scatter", full_g, dp, dl)
-                overlap += 2 * m * _bucketed("all_gather", full_p, dp, dl)
+                sync += collective_time("reduce_scatter", full_g, dp, dl)
+                overlap += (m - 1) * collective_time("reduce_scatter", full_g, dp, dl)
+                step += collective_time("all_gather", full_p, dp, dl)
+            else:  # ZeRO-3: gathered at use in the forward, reduce-scattered in the backward,
+                # every microbatch; the runtime waits for each gather before the op runs
+                step += m * (collective_time("all_gather", full_p, dp, dl)
+                             + collective_time("reduce_scatter", full_g, dp, dl))
         # offload traffic over the host link
         if c.offload:
             if host_link <= 0:
@@ -753,7 +768,7 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
             # measured optimizer rate + per-tensor cost where the profile has them (local
             # devices); otherwise the memory roofline: state + master read and written once.
             t_opt = optimizer_step_time(shard if z >= 1 else numel, 1, optimizer, dev)
-            step += t_opt if t_opt is not None else (
+            step += stretch * t_opt if t_opt is not None else (
                 (2 * (ob + pb) + gb) / (dev.memory_bandwidth * dev.memory_bw_efficiency))
     return StateCost(memory, working, overlap, sync, step, host)
 

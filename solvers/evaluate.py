@@ -18,8 +18,11 @@ forward time; mult_i(u) = k_i for block units, 1 on the stage that holds a prefi
 unit. Per step:
 
     T = m t_max + (sum_i t_i - t_max)/v + 2 (v p - 1) p2p(s) + max_i (expA_i + expG_i + step_i)
-    expA_i = max(0, overlap_i - m t_i)     ZeRO-3 gathers, param/grad streaming
-    expG_i = max(0, sync_i - beta t_i)     gradient sync overlapping the last backward
+    expA_i = max(0, overlap_i - e m t_i, (1 - e) overlap_i)    ZeRO-3 gathers, param/grad streaming
+    expG_i = max(0, sync_i - e beta t_i, (1 - e) sync_i)      gradient sync overlapping the last backward
+
+with e the overlap efficiency of the candidate's links (1: communication hides behind compute
+up to the compute's length; 0: none of it does, as on CPU ranks that use every core).
 """
 from __future__ import annotations
 
@@ -134,8 +137,9 @@ def evaluate(cg: CostedGraph, d: Decision) -> Breakdown:
         act_total = st.inflight * (act - (r + o) * (A - C))
         host += st.inflight * o * (A - C)
         memory = state_mem + working + act_total
-        exp_a = max(0.0, overlap - m * t)
-        exp_g = max(0.0, sync - BACKWARD_SHARE * t)
+        e = cg.overlap_efficiency
+        exp_a = max(0.0, overlap - e * m * t, (1.0 - e) * overlap)
+        exp_g = max(0.0, sync - e * BACKWARD_SHARE * t, (1.0 - e) * sync)
         q_list.append(exp_a + exp_g + step)
         t_list.append(t)
         mem_list.append(memory)

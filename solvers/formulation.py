@@ -29,7 +29,8 @@ Constraints, one family per function below:
     memory_i    sum mult y state_mem + working y + f_i (sum mult act x
                   - sum (A - C)_us (R + O)[i,u,s]) <= M_i                   (_memory)
     host_i      sum mult y state_host + f_i sum (A - C)_us O[i,u,s] <= H_i    (_memory)
-    per-step    a_i >= overlap_i(y) - m t_i;  g_i >= sync_i(x, y) - beta t_i;
+    per-step    a_i >= overlap_i(y) - e m t_i;  g_i >= sync_i(x, y) - e beta t_i;
+                a_i >= (1 - e) overlap_i(y);  g_i >= (1 - e) sync_i(x, y)  (e: overlap efficiency)
                 Q >= a_i + g_i + step_i(y)                                (_objective)
     cutoff      objective <= the best plan of earlier candidates (optional)   (build)
 
@@ -354,16 +355,21 @@ def _step_bound(solver, cg: CostedGraph, x, y, t_stage: list, Q) -> None:
     inf = solver.infinity()
     for i, st in enumerate(cg.stages):
         dev = st.device
+        e = cg.overlap_efficiency
         a = solver.NumVar(0.0, inf, f"a[{i}]")
         g = solver.NumVar(0.0, inf, f"g[{i}]")
-        over: Terms = {a: 1.0, t_stage[i]: float(m)}  # a >= overlap - m t_i
-        sync: Terms = {g: 1.0, t_stage[i]: BACKWARD_SHARE}  # g >= sync - beta t_i
+        over: Terms = {a: 1.0, t_stage[i]: e * m}  # a >= overlap - e m t_i
+        sync: Terms = {g: 1.0, t_stage[i]: e * BACKWARD_SHARE}  # g >= sync - e beta t_i
+        over_min: Terms = {a: 1.0}  # a >= (1 - e) overlap: what never hides
+        sync_min: Terms = {g: 1.0}  # g >= (1 - e) sync
         step: Terms = {Q: 1.0, a: -1.0, g: -1.0}  # Q >= a + g + step
         for n in cg.nodes:
             k = stage_mult(cg, n.place, i)
             if k:
                 for c, xv in zip(n.tp_sync_s, x[n.name]):
                     _add(sync, xv, -k * MS * c)
+                    if e < 1.0:
+                        _add(sync_min, xv, -(1.0 - e) * k * MS * c)
             if n.state is None:
                 continue
             for j, kk in param_holders(cg, n):
@@ -374,8 +380,14 @@ def _step_bound(solver, cg: CostedGraph, x, y, t_stage: list, Q) -> None:
                     _add(over, yv, -kk * MS * sc.overlap_s)
                     _add(sync, yv, -kk * MS * sc.sync_s)
                     _add(step, yv, -kk * MS * sc.step_s)
+                    if e < 1.0:
+                        _add(over_min, yv, -(1.0 - e) * kk * MS * sc.overlap_s)
+                        _add(sync_min, yv, -(1.0 - e) * kk * MS * sc.sync_s)
         _constraint(solver, over, 0, inf, f"overlap[{i}]")
         _constraint(solver, sync, 0, inf, f"sync[{i}]")
+        if e < 1.0:
+            _constraint(solver, over_min, 0, inf, f"overlap_min[{i}]")
+            _constraint(solver, sync_min, 0, inf, f"sync_min[{i}]")
         _constraint(solver, step, 0, inf, f"step[{i}]")
 
 

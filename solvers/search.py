@@ -188,7 +188,7 @@ def search(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluster,
     closest = None  # (bytes, candidate, stage): the candidate nearest to fitting in memory
     while heap:
         lb, k, level, cand, devs = heapq.heappop(heap)
-        if best is not None and lb >= best[0] * (1 - 1e-9):
+        if best is not None and lb > best[0] * (1 + 1e-9):
             break
         now = time.perf_counter()
         if now >= deadline and best is not None:
@@ -250,7 +250,8 @@ def search(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluster,
         if dec is None:
             continue
         br = evaluate(cg, dec)
-        if best is None or br.step_time_s < best[0] - 1e-12:
+        if best is None or br.step_time_s < best[0] * (1 - 1e-9) or (
+                br.step_time_s <= best[0] * (1 + 1e-9) and _simpler(cand, best[1].candidate)):
             best = (br.step_time_s, cg, dec, br, res)
     if best is None:
         raise InfeasibleError(_infeasible_message(struct, cluster, precision, optimizer, options, constraints,
@@ -264,6 +265,12 @@ def search(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluster,
     return SearchOutcome(cg, dec, br, result, solved, len(cands), shortcuts,
                          {"costing_s": t_cost, "solving_s": t_solve, "lp_bounds": n_lp,
                           "memory_pruned": n_mem_pruned})
+
+
+def _simpler(a: Candidate, b: Candidate) -> bool:
+    """Between plans predicted equally fast, the one with fewer pipeline stages, then less
+    tensor parallelism, then fewer microbatches: fewer moving parts for the same time."""
+    return (a.pp, a.tp, a.num_microbatches) < (b.pp, b.tp, b.num_microbatches)
 
 
 def _host_bw() -> float:
