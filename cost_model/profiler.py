@@ -9,8 +9,10 @@ What is measured (all with torch, no ISA-specific code, so it runs on x86 and AR
    the matmul sweep **at the same time** for a fixed wall-clock window per point: on a
    2-core host 4 processes each get about a quarter of the machine, and that per-process
    rate is what predicts a 4-process run. Then all_reduce, all_gather, reduce_scatter,
-   all_to_all, broadcast (and send/recv between ranks 0 and 1) over a range of sizes.
-   alpha (latency) and beta (bandwidth) are fitted jointly over all collectives with the
+   all_to_all, broadcast (and send/recv between ranks 0 and 1) over a range of sizes, on CPU
+   ranks each after ``IN_PLACE_BUSY_S`` of compute (a step's collectives sit between ops:
+   waking the peers costs more than between idle ranks), and :func:`sync_costs` (skew,
+   overlap). alpha (latency) and beta (bandwidth) are fitted jointly over all collectives with the
    ring formulas of :mod:`collectives` (the link-wide pair), and once per collective
    (``LinkSpec.collective_fits``: gloo's algorithms do not all follow the ring formulas);
    ``raw.fit_check`` records predicted vs measured for every sample.
@@ -549,11 +551,29 @@ def fit_check(samples: dict[str, list], n: int, params: Callable[[str], tuple[fl
 
 # --------------------------------------------------------------------------- worker
 
-def _collective_samples(rank: int, n: int, group, sizes: Sequence[int], device: str) -> dict:
+def _collective_samples(rank: int, n: int, group, sizes: Sequence[int], device: str, busy_s: float = 0.0) -> dict:
+    """``{kind: [(bytes, seconds), ...]}`` per collective over ``group``.
+
+    With ``busy_s`` > 0 (CPU ranks) every call is preceded by about ``busy_s`` of compute
+    (:func:`_work_segment`) on every rank and the sample is the time of compute + collective
+    minus the compute alone: what a collective costs between two ops of a training step,
+    where the peers' communication threads must be woken and scheduled on cores that are
+    computing. On the 2-core VM with 4 ranks a 512 KiB all-gather took ~1.4 ms between idle
+    ranks and 5-6 ms this way, and a step's collectives pay the latter."""
     import torch
     import torch.distributed as dist
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    k_busy = 0
+    t_busy = 0.0
+    if busy_s > 0:
+        dist.barrier(group=group)
+        _work_segment(20)
+        t0 = time.perf_counter()
+        _work_segment(50)
+        k_busy = max(1, round(busy_s / ((time.perf_counter() - t0) / 50)))
+        dist.barrier(group=group)
+        t_busy = _median_time(lambda: _work_segment(k_busy), 15)
     out: dict[str, list] = {}
     for kind in COLLECTIVE_KINDS:
         if kind == "send_recv" and n != 2:
@@ -585,9 +605,17 @@ def _collective_samples(rank: int, n: int, group, sizes: Sequence[int], device: 
                         dist.recv(full, src=0, group=group)
                         dist.send(full, dst=0, group=group)
             reps = 3 if nbytes >= (1 << 20) else 10
+            if k_busy:
+                reps = 2 * reps + 1
+
+                def timed(fn=fn) -> None:
+                    _work_segment(k_busy)
+                    fn()
+            else:
+                timed = fn
             try:
                 dist.barrier(group=group)
-                t = _median_time(fn, reps, sync)
+                t = max(0.0, _median_time(timed, reps, sync) - t_busy)
             except (RuntimeError, NotImplementedError) as e:  # backend lacks this collective
                 out[kind] = {"unsupported": str(e).splitlines()[0][:200]}
                 break
@@ -595,6 +623,11 @@ def _collective_samples(rank: int, n: int, group, sizes: Sequence[int], device: 
         else:
             out[kind] = rows
     return out
+
+
+#: Compute before each collective sample on CPU ranks (:func:`_collective_samples`): about the
+#: gap between two tensor-parallel collectives in the small zoo models the benchmarks run.
+IN_PLACE_BUSY_S = 0.001
 
 
 def _work_segment(k: int) -> None:
@@ -611,7 +644,7 @@ def _work_segment(k: int) -> None:
 _SEGMENT_OPERANDS: dict = {}
 
 
-def sync_costs(group, n: int, segments_s: tuple[float, float] = (0.002, 0.012), reps: int = 15,
+def sync_costs(group, n: int, segments_s: tuple[float, ...] = (0.002, 0.012), reps: int = 15,
                small_bytes: int = 1 << 12, big_bytes: int = 1 << 22) -> dict:
     """What a collective costs ranks that also compute, measured in place (CPU ranks).
 
@@ -619,14 +652,15 @@ def sync_costs(group, n: int, segments_s: tuple[float, float] = (0.002, 0.012), 
     computes between collectives; ranks that share cores and time slices (or are just noisy)
     then arrive apart, and the early ones wait. Per compute length S in ``segments_s``, all
     ranks at once: ``T_both(S)`` = median of (S of small matmuls + a ``small_bytes``
-    all-reduce), ``T_work(S)`` = median of the matmuls alone, ``T_idle`` = the all-reduce alone
-    after a barrier; the extra wait is ``T_both - T_work - T_idle``. A line through the two
-    lengths gives ``skew_fraction`` (wait per second of work) and ``sync_s`` (the constant part),
-    both clipped at 0. ``overlap_efficiency``: a ``big_bytes`` all-reduce started async, then
+    all-reduce), ``T_work(S)`` = median of the matmuls alone, ``T_idle`` = the all-reduce's
+    cost after ``IN_PLACE_BUSY_S`` of compute (how the link's fits are measured); the extra
+    wait is ``T_both - T_work - T_idle``; summed over the lengths and the ranks, over the
+    work summed likewise, it gives ``skew_fraction`` (wait per second of work); ``sync_s`` is 0
+    (the constant part is in the link's fits, measured after the same kind of compute). ``overlap_efficiency``: a ``big_bytes`` all-reduce started async, then
     about as much compute, then the wait: ``(T_work + T_coll - T_both) / min(T_work, T_coll)``,
     clipped to [0, 1] (1 = the collective hid behind the compute). Each figure is the mean over
-    the ranks (gathered), so one rank's luck does not decide it. Returns the figures and the
-    raw samples."""
+    the ranks (gathered), so one rank's luck does not decide it; the line is a least-squares fit
+    over the compute lengths. Returns the figures and the raw samples."""
     import torch
     import torch.distributed as dist
 
@@ -643,6 +677,8 @@ def sync_costs(group, n: int, segments_s: tuple[float, float] = (0.002, 0.012), 
     big = torch.ones(max(1, big_bytes // 4))
 
     def med(fn: Callable[[], None], each_barrier: bool = False) -> float:
+        # medians: on the 2-core VM means of 21 calls gave skew 0.60 and 1.03 in two profiles
+        # of 4 ranks a minute apart, medians of 15 gave 0.30 and 0.25
         samples = []
         fn()
         barrier()
@@ -654,7 +690,11 @@ def sync_costs(group, n: int, segments_s: tuple[float, float] = (0.002, 0.012), 
             samples.append(time.perf_counter() - t)
         return statistics.median(samples)
 
-    t_idle = med(lambda: dist.all_reduce(small, group=group), each_barrier=True)
+    # the reference: the same all-reduce after IN_PLACE_BUSY_S of compute, as the link's fits
+    # are measured (_collective_samples), so sync_s is only what the fits do not already hold
+    k_ref = max(1, round(IN_PLACE_BUSY_S / per_call))
+    t_idle = max(0.0, med(lambda: (_work_segment(k_ref), dist.all_reduce(small, group=group)))
+                 - med(lambda: _work_segment(k_ref)))
     points = []
     for seg in segments_s:
         k = max(1, round(seg / per_call))
@@ -673,13 +713,12 @@ def sync_costs(group, n: int, segments_s: tuple[float, float] = (0.002, 0.012), 
     mine = {"points": points, "t_idle": t_idle, "t_coll": t_coll, "t_work": t_work, "t_overlap": t_ovl}
     every: list = [None] * n
     dist.all_gather_object(every, mine, group=group)
-    (x1, _), (x2, _) = every[0]["points"]
-    y1 = statistics.fmean(r["points"][0][1] for r in every)
-    y2 = statistics.fmean(r["points"][1][1] for r in every)
-    x1 = statistics.fmean(r["points"][0][0] for r in every)
-    x2 = statistics.fmean(r["points"][1][0] for r in every)
-    frac = max(0.0, (y2 - y1) / (x2 - x1)) if x2 > x1 else 0.0
-    const = max(0.0, y1 - frac * x1)
+    # one ratio over every rank's points: the wait per second of work. A line (slope and
+    # intercept) through the points traded one against the other from profile to profile on
+    # the 2-core VM (4 ranks: 0.02 + 4.7 ms, then 0.19 + 0.3 ms); the constant part of a
+    # collective's cost is already in the link's fits, measured after the same kind of compute.
+    frac = (sum(y for r in every for _, y in r["points"]) / max(1e-12, sum(x for r in every for x, _ in r["points"])))
+    const = 0.0
     effs = []
     for r in every:
         hidden = r["t_work"] + r["t_coll"] - r["t_overlap"]
@@ -732,11 +771,18 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
                 result["dtensor_overhead"][n] = dtensor_op_overhead(group, device, shared=n > cores)
                 if n == world and not use_cuda:  # the runtime's mesh spans the whole world
                     try:
+                        # sharing cores, processes lose whole time slices: a longer chain and
+                        # more rounds keep the slope above that noise (4 ranks on the 2-core VM
+                        # gave 85-358 us per node over three profiles with (4, 24) x 5 rounds)
+                        shared = n > cores
                         result["runtime_overhead"][n] = runtime_node_overhead(
-                            n, shared=n > cores, barrier=lambda: dist.barrier(group=group))
+                            n, chain=(4, 64) if shared else (4, 24), rounds=9 if shared else 5, shared=shared,
+                            barrier=lambda: dist.barrier(group=group))
                     except Exception as e:  # noqa: BLE001 - recorded; the profile falls back
                         result["runtime_overhead_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                result["collectives"][n] = _collective_samples(rank, n, group, cfg["coll_bytes"], device)
+                # CPU ranks: collectives measured between bursts of compute, as a step issues them
+                result["collectives"][n] = _collective_samples(rank, n, group, cfg["coll_bytes"], device,
+                                                               busy_s=0.0 if use_cuda else IN_PLACE_BUSY_S)
                 if not use_cuda:
                     result["sync"][n] = sync_costs(group, n)
                 result["threads"][n] = threads
