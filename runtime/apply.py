@@ -472,10 +472,16 @@ def program_alias(program: Program, name: str, gm: fx.GraphModule) -> str:
 # the module
 
 
-#: Bytes of gradients summed by one dp all-reduce: DDP's default ``bucket_cap_mb=25``
-#: (torch.nn.parallel.DistributedDataParallel). The cost model prices dp gradient sync in
+#: Bytes of gradients summed by one all-reduce. Smaller than DDP's 25 MB (``bucket_cap_mb``):
+#: on the 2-core development VM, 25 MB buckets made a 4 x Linear(1024) dp step 1.15-1.18x
+#: DDP's (the one bucket waits for the whole backward, then a copy in and out), 4 MB buckets
+#: with in-place single-gradient buckets 0.97-1.09x (bench/runtime_overhead.py), while GPT's
+#: 53 small gradients still go in a few all-reduces. The cost model prices gradient sync in
 #: buckets of the same size (``autopar.solvers.costed.BUCKET_BYTES``).
-BUCKET_BYTES = 25 * 2**20
+BUCKET_BYTES = 4 * 2**20
+#: The first bucket (the last layers' gradients, ready first) is smaller so its all-reduce
+#: starts early: DDP's ``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES`` (1 MiB).
+FIRST_BUCKET_BYTES = 1 * 2**20
 
 
 class _GradBuckets:
@@ -483,7 +489,8 @@ class _GradBuckets:
     mesh axes the gradients are pending sums over: dp, tp, or both).
 
     Parameters are assigned to buckets in reverse registration order (roughly the order the
-    backward produces their gradients), up to ``BUCKET_BYTES`` of local gradient each, at the
+    backward produces their gradients), up to ``BUCKET_BYTES`` of local gradient each (the
+    first ``FIRST_BUCKET_BYTES``, so communication starts early, as in DDP), at the
     first :meth:`finish` (the local gradient sizes are known then). During the last
     microbatch's backward :meth:`ready` marks a gradient final; when every gradient of a
     bucket is final, its local gradients are copied into one flat buffer and an async
@@ -502,6 +509,7 @@ class _GradBuckets:
         self._ready: dict[int, dict[str, Any]] = {}  # bucket -> fqn -> final grad
         self._works: list[tuple[Any, torch.Tensor, list[Any]]] = []
         self._launched: set[int] = set()
+        self._flat: dict[int, torch.Tensor] = {}  # bucket -> its buffer, kept between steps
 
     def _assign(self, grads: dict[str, Any]) -> None:
         size = 0
@@ -510,7 +518,8 @@ class _GradBuckets:
                 continue
             loc = grads[fqn]._local_tensor
             nbytes = loc.numel() * loc.element_size()
-            if not self.members or (self.members[-1] and size + nbytes > BUCKET_BYTES):
+            cap = FIRST_BUCKET_BYTES if len(self.members) <= 1 else BUCKET_BYTES
+            if not self.members or (self.members[-1] and size + nbytes > cap):
                 self.members.append([])
                 size = 0
             self.members[-1].append(fqn)
@@ -533,7 +542,19 @@ class _GradBuckets:
         if not grads:
             return
         locs = [g._local_tensor for g in grads]
-        flat = torch.cat([t.reshape(-1) for t in locs])
+        if len(locs) == 1 and locs[0].is_contiguous():  # a bucket of one: summed in place, no copies
+            for grp in self.groups[:-1]:
+                dist.all_reduce(locs[0], group=grp)
+            self._works.append((dist.all_reduce(locs[0], group=self.groups[-1], async_op=True), None, locs))
+            return
+        numel = sum(t.numel() for t in locs)
+        flat = self._flat.get(b) if b is not None else None
+        if flat is None or flat.numel() != numel or flat.dtype != locs[0].dtype or flat.device != locs[0].device:
+            # one buffer per bucket, reused: a fresh one every step page-faults its memory in
+            flat = torch.empty(numel, dtype=locs[0].dtype, device=locs[0].device)
+            if b is not None:
+                self._flat[b] = flat
+        torch.cat([t.reshape(-1) for t in locs], out=flat)
         # over two axes: the first sum is waited for before the second starts (rare: a grad
         # Partial on both dp and tp); over one, the all-reduce runs behind the backward
         for grp in self.groups[:-1]:
@@ -551,6 +572,8 @@ class _GradBuckets:
         self._launch(None, late)
         for work, flat, locs in self._works:
             work.wait()
+            if flat is None:
+                continue
             off = 0
             for loc in locs:
                 loc.copy_(flat[off:off + loc.numel()].view_as(loc))

@@ -154,12 +154,12 @@ def run_case(case: str, ckpt_root: str) -> dict:
     if "bucket" in opts:  # dp gradient buckets of this many bytes: many buckets, launched apart
         import autopar.runtime.apply as apply_mod
 
-        saved = apply_mod.BUCKET_BYTES
-        apply_mod.BUCKET_BYTES = int(opts["bucket"])
+        saved = apply_mod.BUCKET_BYTES, apply_mod.FIRST_BUCKET_BYTES
+        apply_mod.BUCKET_BYTES = apply_mod.FIRST_BUCKET_BYTES = int(opts["bucket"])
         try:
             return _run_case(case, name, kind, opts, ckpt_root)
         finally:
-            apply_mod.BUCKET_BYTES = saved
+            apply_mod.BUCKET_BYTES, apply_mod.FIRST_BUCKET_BYTES = saved
     return _run_case(case, name, kind, opts, ckpt_root)
 
 

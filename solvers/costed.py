@@ -26,7 +26,7 @@ cost matrix of every edge (forward collective plus the backward one on the gradi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
 import torch.fx as fx
@@ -46,9 +46,10 @@ from .strategies import (AxisOption, OpContext, Strategy, StrategyRegistry, _con
 NO_WORK = (OpKind.INPUT, OpKind.PARAM, OpKind.OUTPUT)
 R = Replicate()
 
-#: Gradient collectives are bucketed as DDP does (``bucket_cap_mb=25``, torch.nn.parallel.
-#: DistributedDataParallel default), so per-parameter costs are priced at 25 MB messages.
-BUCKET_BYTES = 25 * 2**20
+#: Gradient all-reduces are bucketed as the runtime does them (``autopar.runtime.apply.
+#: BUCKET_BYTES``, 4 MiB; DDP's idea, a smaller cap), so per-parameter costs are priced at
+#: messages of that size.
+BUCKET_BYTES = 4 * 2**20
 #: Share of a training step's compute that is backward (backward = 2x forward).
 BACKWARD_SHARE = 2.0 / 3.0
 
@@ -87,6 +88,13 @@ class GraphStructure:
     param_readers: dict[str, list[str]]
     chain_outputs: tuple[str, ...]  # rep-block units whose output feeds the next block
     dedupe_note: str = ""
+    #: node -> a gradient flows back through its output (it depends on a trained parameter);
+    #: outputs computed only from inputs and buffers (RoPE tables, masks) carry none, so a
+    #: reshard into them has no backward collective
+    needs_grad: dict[str, bool] = field(default_factory=dict)
+
+    def has_grad(self, node: str, spec: TensorSpec) -> bool:
+        return spec.dtype.startswith(("float", "bfloat")) and self.needs_grad.get(node, True)
 
     @property
     def num_blocks(self) -> int:
@@ -312,8 +320,12 @@ def analyze(graph: Graph, registry: StrategyRegistry, *, dedupe: bool = True) ->
             if r != owner[p]:
                 edges.append(Edge(owner[p], r, -1, 0, "param", param=p))
     chain_outputs = tuple(sorted({e.src for e in edges if e.kind == "chain"}, key=units.index))
+    needs_grad: dict[str, bool] = {}
+    for name, info in graph.nodes.items():  # topological
+        needs_grad[name] = (any(p in graph.params for p in info.params)
+                            or any(needs_grad.get(s, False) for s in info.inputs))
     return GraphStructure(graph, contexts, batched, batch_dp, units, place, edges, blocks, rep,
-                          members, owner, readers, chain_outputs, note)
+                          members, owner, readers, chain_outputs, note, needs_grad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -592,7 +604,7 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
         else:
             spec = g.nodes[e.src].outputs[min(e.out_index, len(g.nodes[e.src].outputs) - 1)]
             batched = struct.batched[e.src]
-            has_grad = spec.dtype.startswith(("float", "bfloat"))
+            has_grad = struct.has_grad(e.src, spec)
             nbytes = spec.numel * _elem_bytes(spec, precision) / (m if batched else 1)
             mat = tuple(tuple(_edge_cost_memo(memo, nbytes, a.outputs[min(e.out_index, len(a.outputs) - 1)],
                                               b.inputs[e.index], b.input_grads[e.index] if has_grad else None,
@@ -730,14 +742,15 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
         if z >= 3 or "params" in c.offload:
             working += 2 * full_p  # two layers gathered at a time (FSDP prefetch)
         # data-parallel communication, as the runtime (autopar.runtime.apply) issues it: ZeRO-0
-        # gradients are all-reduced in DDP-sized buckets (one flat copy of them in flight);
+        # gradients are all-reduced in buckets (a kept flat buffer per bucket of several);
         # ZeRO gathers and reduce-scatters are one collective per parameter (DTensor
         # redistribute), issued where they are needed and waited for at once
         if dp > 1:
             dl = links["dp"]
             if z == 0:
                 sync += _bucketed("all_reduce", full_g, dp, dl)
-                working += full_g
+                if full_g < BUCKET_BYTES:  # shares a bucket: summed in the bucket's kept buffer
+                    working += full_g
             elif z == 1:  # updated params all-gathered after the optimizer step: exposed
                 sync += collective_time("reduce_scatter", full_g, dp, dl)
                 step += collective_time("all_gather", full_p, dp, dl)

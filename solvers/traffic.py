@@ -132,7 +132,7 @@ def communication_bytes(struct, cg: CostedGraph, dec: Decision, *, precision: st
         else:
             spec = g.nodes[e.src].outputs[min(e.out_index, len(g.nodes[e.src].outputs) - 1)]
             nb = spec.numel * _elem_bytes(spec, precision) / (m if struct.batched[e.src] else 1)
-            has_grad = spec.dtype.startswith(("float", "bfloat"))
+            has_grad = struct.has_grad(e.src, spec)
             val = _edge_bytes(nb, a.outputs[min(e.out_index, len(a.outputs) - 1)], b.inputs[e.index],
                               b.input_grads[e.index] if has_grad else None, mesh)
         key = (e.src, e.dst, e.kind)
