@@ -120,3 +120,26 @@ def test_registry_is_a_value():
     g, st, _, name = _opts(nn.Linear(8, 16), torch.randn(4, 8), "linear")
     assert len(a.options(g.nodes[name], st.contexts[name], 2)) == 1
     assert len(b.options(g.nodes[name], st.contexts[name], 2)) > 1
+
+
+def test_values_no_gradient_reaches_have_no_backward_reshard():
+    """A table computed from data alone (RoPE-style: positions, buffers) and scaled into the
+    activations: the gradient flows through the linear, never into the table."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x, pos):
+            t = torch.cos(pos)
+            return self.lin(x) * t
+
+    g = capture(M(), (torch.randn(4, 8), torch.randn(4, 8)))
+    st = analyze(g, default_registry())
+    table = [n for n, info in g.nodes.items() if "cos" in str(info.target)]
+    lin = [n for n, info in g.nodes.items() if any(p in g.params for p in info.params)]
+    assert table and lin
+    assert not st.needs_grad[table[0]] and st.needs_grad[lin[0]]
+    assert not st.has_grad(table[0], g.nodes[table[0]].outputs[0])
+    assert st.has_grad(lin[0], g.nodes[lin[0]].outputs[0])
