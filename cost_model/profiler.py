@@ -298,8 +298,8 @@ def kernel_rates(shape: tuple[int, int] = KERNEL_SHAPE, device: str = "cpu", rep
     ``chain`` times keeping every output alive (like saved activations: forward with autograd
     recording; backward as ``autograd.grad`` of one recorded forward, a fresh gradient each
     call), then frees them all, so outputs land in freshly mapped memory whose first touch is
-    part of the cost, as in a step. Per call = median over ``reps`` repetitions of the
-    repetition's mean, or with ``shared`` (processes on shared cores) the mean of them.
+    part of the cost, as in a step. Per call = the mean over ``reps`` repetitions (a step pays
+    the slow ones too; ``shared`` is kept for callers and no longer changes the statistic).
 
     Why: these ops are not stream-bound on a CPU (``erf`` in gelu runs at a few GB/s against
     tens for a stream), so the stream-bandwidth roofline under-prices them several-fold."""
@@ -319,7 +319,9 @@ def kernel_rates(shape: tuple[int, int] = KERNEL_SHAPE, device: str = "cpu", rep
             sync()
             samples.append((time.perf_counter() - start) / chain)
             del kept
-        return statistics.fmean(samples) if shared else statistics.median(samples)
+        # the mean, shared cores or not: a step pays the slow repetitions too (on the shared
+        # 2-core VM medians made single-process steps come out 5-20 % fast)
+        return statistics.fmean(samples)
 
     for name in kernels:
         f = _kernel_fn(name, shape[1])
@@ -340,7 +342,7 @@ def optimizer_step_costs(total_numel: int = 1 << 21, counts: tuple[int, int] = (
     per-tensor cost (a series of small kernels per tensor: the runtime steps each local shard
     as a plain tensor), the rest of the step at the low count is the per-element work (Adam's
     div/sqrt are not stream-bound on a CPU, and run on this process's threads only, so a
-    bandwidth roofline under-prices them). Fastest of ``rounds``, or with ``shared`` the mean."""
+    bandwidth roofline under-prices them). The mean of ``rounds`` (a step pays the slow ones too)."""
     import torch
 
     per_tensor, rate = {}, {}
@@ -358,7 +360,7 @@ def optimizer_step_costs(total_numel: int = 1 << 21, counts: tuple[int, int] = (
                 start = time.perf_counter()
                 opt.step()
                 samples.append(time.perf_counter() - start)
-            t[n] = statistics.fmean(samples) if shared else min(samples)
+            t[n] = statistics.fmean(samples)  # the mean: a step pays the slow ones too
         lo, hi = counts
         per_tensor[opt_name] = max(0.0, (t[hi] - t[lo]) / (hi - lo))
         work = max(t[lo] - lo * per_tensor[opt_name], 0.5 * t[lo])  # noise cannot leave < half the step
