@@ -242,7 +242,7 @@ def _inject_drop_dp_grad_sync() -> None:
                                shape=g.shape, stride=g.stride())
         p.grad = g if tuple(local) == tuple(p.placements) else g.redistribute(p.device_mesh, p.placements)
 
-    ParallelModule._bucketable = lambda self, p: False  # no overlapped all-reduce either
+    ParallelModule._sum_axes = lambda self, p: ()  # no bucketed all-reduce either
     ParallelModule._sync_one = sync_one
 
 
