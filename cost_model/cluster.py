@@ -48,8 +48,9 @@ class LinkSpec:
       this fraction (measured: the time of compute + a small all-reduce, minus each alone, at
       two compute lengths; the slope). The cost model stretches a multi-rank step's compute by
       ``1 + skew_fraction``. Default 0.
-    - sync_s: the part of that wait that does not grow with the work (waking the other ranks'
-      communication threads); added to every collective. Default 0.
+    - sync_s: a fixed cost added to every collective the runtime issues through DTensor
+      (``redistribute`` between ops); the profiler measures it as a redistribute's time over
+      the bare collective it issues, both after a burst of compute. Default 0.
     - overlap_efficiency: the fraction of an asynchronous collective that hides behind compute
       running at the same time (1 = fully hidden, as DDP's gradient all-reduce behind the
       backward on GPUs with NCCL; 0 = none, as on CPU ranks that already use every core).

@@ -25,8 +25,8 @@ does; ``"ring"`` / ``"tree"`` force one.
 A link may carry measured per-collective (alpha, beta) pairs (``LinkSpec.collective_fits``,
 written by ``autopar profile``); they replace the link-wide pair for that collective, and
 a measured all_reduce is used in its ring form only (the backend's own algorithm choice is
-already in the measurement). A profiled link's ``sync_s`` (the fixed wait for ranks that
-arrive from their own compute, measured in place; 0 for catalog links) is added to every
+already in the measurement). A link's ``sync_s`` (what a DTensor redistribute adds to the
+collective it issues, measured by the profiler; 0 for catalog links) is added to every
 collective.
 """
 from __future__ import annotations

@@ -657,8 +657,10 @@ def sync_costs(group, n: int, segments_s: tuple[float, ...] = (0.002, 0.012), re
     all-reduce), ``T_work(S)`` = median of the matmuls alone, ``T_idle`` = the all-reduce's
     cost after ``IN_PLACE_BUSY_S`` of compute (how the link's fits are measured); the extra
     wait is ``T_both - T_work - T_idle``; summed over the lengths and the ranks, over the
-    work summed likewise, it gives ``skew_fraction`` (wait per second of work); ``sync_s`` is 0
-    (the constant part is in the link's fits, measured after the same kind of compute). ``overlap_efficiency``: a ``big_bytes`` all-reduce started async, then
+    work summed likewise, it gives ``skew_fraction`` (wait per second of work). The constant
+    part of the wait is already in the link's fits (measured after the same kind of compute);
+    ``sync_s`` is instead what the runtime adds to every reshard collective: a DTensor
+    ``redistribute`` over the bare collective it issues (:func:`_redistribute_overhead`). ``overlap_efficiency``: a ``big_bytes`` all-reduce started async, then
     about as much compute, then the wait: ``(T_work + T_coll - T_both) / min(T_work, T_coll)``,
     clipped to [0, 1] (1 = the collective hid behind the compute). Each figure is the mean over
     the ranks (gathered), so one rank's luck does not decide it; the line is a least-squares fit
@@ -712,7 +714,9 @@ def sync_costs(group, n: int, segments_s: tuple[float, ...] = (0.002, 0.012), re
         _work_segment(k)
         w.wait()
     t_ovl = med(overlapped)
-    mine = {"points": points, "t_idle": t_idle, "t_coll": t_coll, "t_work": t_work, "t_overlap": t_ovl}
+    t_dtensor = _redistribute_overhead(group, k_ref, med)
+    mine = {"points": points, "t_idle": t_idle, "t_coll": t_coll, "t_work": t_work, "t_overlap": t_ovl,
+            "t_dtensor": t_dtensor}
     every: list = [None] * n
     dist.all_gather_object(every, mine, group=group)
     # one ratio over every rank's points: the wait per second of work. A line (slope and
@@ -725,8 +729,32 @@ def sync_costs(group, n: int, segments_s: tuple[float, ...] = (0.002, 0.012), re
     for r in every:
         hidden = r["t_work"] + r["t_coll"] - r["t_overlap"]
         effs.append(min(1.0, max(0.0, hidden / max(1e-12, min(r["t_work"], r["t_coll"])))))
+    dtensor = [r["t_dtensor"] for r in every if r["t_dtensor"] is not None]
+    const = statistics.fmean(dtensor) if dtensor else const
     return {"skew_fraction": frac, "sync_s": const, "overlap_efficiency": statistics.fmean(effs),
             "samples": every}
+
+
+def _redistribute_overhead(group, k: int, med: Callable) -> Optional[float]:
+    """Seconds a DTensor ``redistribute`` (how the runtime reshards between ops) costs on top
+    of the bare collective it issues, both after ``k`` compute calls: Shard(0) -> Replicate of
+    a 64 KiB tensor vs ``all_gather_into_tensor`` of the same. None when DTensor is missing."""
+    import torch
+    import torch.distributed as dist
+
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:
+        return None
+    n = dist.get_world_size(group)
+    mesh = DeviceMesh.from_group(group, "cpu")
+    local = torch.ones(16 * 1024 // n)
+    x = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
+    out = torch.empty(local.numel() * n)
+    t_redist = med(lambda: (_work_segment(k), x.redistribute(mesh, [Replicate()]).to_local().sum()))
+    t_plain = med(lambda: (_work_segment(k), dist.all_gather_into_tensor(out, local, group=group), out.sum()))
+    return max(0.0, t_redist - t_plain)
 
 
 def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> None:
@@ -1016,7 +1044,8 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
                 raw.setdefault("sync", {})[key] = sync
                 in_place = dict(skew_fraction=sync["skew_fraction"], sync_s=sync["sync_s"],
                                 overlap_efficiency=sync["overlap_efficiency"])
-                in_place_note = "; skew_fraction, sync_s, overlap_efficiency measured in place (sync_costs)"
+                in_place_note = ("; skew_fraction, overlap_efficiency measured in place, sync_s = DTensor "
+                                 "redistribute over the bare collective (sync_costs)")
             else:  # GPUs: not measured, the catalog's defaults (no skew, full overlap)
                 in_place, in_place_note = {}, "; skew and overlap not measured (defaults)"
             links[n] = LinkSpec(

@@ -657,10 +657,12 @@ def _config_allowed(c: StateConfig, dp: int, allowed: frozenset[str], devices: M
 
 
 def _bucketed(kind: str, nbytes: float, n: int, link: LinkSpec) -> float:
-    """Time of ``nbytes`` moved by a bucketed collective: linear at BUCKET_BYTES messages."""
+    """Time of ``nbytes`` moved by a bucketed collective: linear at BUCKET_BYTES messages.
+    The runtime issues bucket all-reduces as bare collectives, not DTensor redistributes, so
+    the link's ``sync_s`` (a redistribute's extra cost) is not charged."""
     if n <= 1 or nbytes <= 0:
         return 0.0
-    return collective_time(kind, BUCKET_BYTES, n, link) * nbytes / BUCKET_BYTES
+    return (collective_time(kind, BUCKET_BYTES, n, link) - link.sync_s) * nbytes / BUCKET_BYTES
 
 
 def _edge_cost_memo(memo: dict, nbytes: float, src: tuple, dst: tuple, dst_grad: Optional[tuple], mesh,
