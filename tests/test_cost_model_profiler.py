@@ -65,6 +65,10 @@ def test_profile_smoke_two_processes(tmp_path, monkeypatch):
     sync = raw["sync"]["2"]
     assert len(sync["samples"]) == 2 and len(sync["samples"][0]["points"]) == 2
     assert sync["skew_fraction"] == link.skew_fraction and "in place" in link.provenance.notes
+    # sync_s: a DTensor redistribute over the bare collective it issues, the mean over ranks
+    extra = [r["t_dtensor"] for r in sync["samples"]]
+    assert all(x is not None and x >= 0 for x in extra)
+    assert link.sync_s == pytest.approx(sum(extra) / len(extra))
     # the per-op cost is the runtime's DTensor dispatch, measured alone and with 2 ranks at once
     assert set(raw["dtensor_op_overhead"]) == {"1", "2"}
     assert cluster.groups[0].device.op_overhead_s == max(raw["op_overhead"]["1"], raw["dtensor_op_overhead"]["2"])
