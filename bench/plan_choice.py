@@ -9,9 +9,10 @@ not all Python overhead on CPU), on ``nproc`` local gloo processes:
   (dp, tp, dp x tp, pp, pp x dp; ZeRO-3 dp too), each with its predicted step time, plus the
   solver's free choice on ``local:N``; a candidate the solver cannot produce falls back to the
   hand-written layout of :func:`autopar.runtime.testing.make_plan` (marked "hand");
-- every candidate is applied and trained (Adam, synthetic batch); step time is the median of
-  ``steps`` steps after 2 warm-up steps, measured round-robin across the candidates (one step
-  of each in turn) so background load on a shared machine hits all of them alike. When the
+- every candidate is applied and trained (Adam, synthetic batch) alone, as a training job
+  would run it: built, 2 warm-up steps, its share of ``steps`` timed steps, freed; two passes
+  over the candidates in alternating order so drift of a shared machine's speed hits all of
+  them alike; step time is the median of its timed steps. When the
   solver's choice is the same plan as a candidate (same mesh, placements, pipeline) it is
   measured once and both rows show that figure ("same plan as ..."): on the 2-core VM two
   runs of one plan in the same round-robin differed by up to 24 %.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -91,33 +93,45 @@ def _same_plan(a, b) -> bool:
     return all(da.get(k) == db.get(k) for k in keys)
 
 
-def _measure_all(graph, plans: dict, inputs, targets, loss_fn, steps) -> dict:
-    """Median step time per plan, measured round-robin (one step of each plan in turn), so
-    background load on this shared machine hits every candidate alike."""
+def _measure_all(graph, plans: dict, inputs, targets, loss_fn, steps, rounds: int = 2) -> dict:
+    """Median step time per plan. Each plan runs as a training job would: built, warmed up
+    (2 steps), timed for its share of ``steps`` steps, then freed before the next plan is
+    built, so no plan runs beside the others' parameters and optimizer state. ``rounds``
+    passes over the plans, in alternating order, so slow drift of this shared machine's speed
+    hits every plan alike. (An earlier version interleaved single steps of all plans kept
+    alive at once: on the 2-core VM that measured GPT dp4 at 210 ms against 140 ms alone.)"""
+    import gc
+
     import torch
     import torch.distributed as dist
 
     from autopar.runtime.apply import apply_plan
 
     factory = lambda ps: torch.optim.Adam(ps, lr=1e-4)  # noqa: E731
-    live, errors = {}, {}
-    for label, plan in plans.items():
-        try:
-            pm = apply_plan(graph, plan)
-            for _ in range(2):  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in plans}
+    errors: dict[str, str] = {}
+    per_round = max(3, -(-steps // rounds))
+    order = list(plans)
+    for r in range(rounds):
+        for label in (order if r % 2 == 0 else order[::-1]):
+            if label in errors:
+                continue
+            try:
+                pm = apply_plan(graph, plans[label])
+                for _ in range(2):  # warm-up
+                    pm.train_step(inputs, targets, loss_fn, factory)
+            except Exception as e:  # noqa: BLE001 -- a plan the runtime refuses is reported
+                errors[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                continue
+            for _ in range(per_round):
+                dist.barrier()
+                t0 = time.perf_counter()
                 pm.train_step(inputs, targets, loss_fn, factory)
-            live[label] = pm
-        except Exception as e:  # noqa: BLE001 -- a plan the runtime refuses is reported
-            errors[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-    times = {k: [] for k in live}
-    for _ in range(steps):
-        for label, pm in live.items():
-            dist.barrier()
-            t0 = time.perf_counter()
-            pm.train_step(inputs, targets, loss_fn, factory)
-            dist.barrier()
-            times[label].append(time.perf_counter() - t0)
-    out = {k: (sorted(v)[len(v) // 2], None) for k, v in times.items()}
+                dist.barrier()
+                times[label].append(time.perf_counter() - t0)
+            del pm
+            gc.collect()
+    out = {k: (statistics.median(v), None) for k, v in times.items() if v and k not in errors}
     out.update({k: (None, e) for k, e in errors.items()})
     return out
 
