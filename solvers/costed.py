@@ -537,6 +537,11 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
         return _finish(struct, cluster, cand, nodes, edges, configs, stage_devices, reserve_fraction, devices,
                        allowed, table_cache)
     nodes: list[NodeCosts] = []
+    # the model output is handed to the loss as the runtime's output placement (batch rows on
+    # dp, whole on tp: autopar.runtime.steps.OUTPUT_PLACEMENT); a unit that feeds it in another
+    # placement pays that reshard (and its gradient's) every microbatch
+    feeds_output = {src for info in g.nodes.values() if info.kind is OpKind.OUTPUT for src in info.inputs}
+    out_want = (Shard(0) if cand.dp > 1 else R, R)
     for u in struct.units:
         info = g.nodes[u]
         ss = strats(u)
@@ -544,11 +549,17 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
         kind = _op_kind(info)
         comp: dict[str, tuple] = {}
         fwd: dict[str, tuple] = {}
+        out_cost = [0.0] * len(ss)
+        if u in feeds_output and info.outputs and (cand.dp > 1 or cand.tp > 1) and struct.place[u] != "block":
+            spec = info.outputs[0]
+            nbytes = spec.numel * _elem_bytes(spec, precision) / (m if batched else 1)
+            want_grad = out_want if struct.has_grad(u, spec) else None
+            out_cost = [_edge_cost(nbytes, st.outputs[0], out_want, want_grad, mesh, links) for st in ss]
         for dname, dev in devices.items():
             c_list, f_list = [], []
             for s in ss:
                 if info.kind is OpKind.INPUT or (kind is None and dev.node_overhead_s <= 0):
-                    c_list.append(0.0)
+                    c_list.append(out_cost[len(c_list)])
                     f_list.append(0.0)
                     continue
                 flops = info.flops / (m if batched else 1) / _work_factor(s, mesh)
@@ -566,7 +577,7 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
                 # measured runtime per-node overhead and non-matmul kernel rates where the device has them
                 t, b = node_time(flops, moved, elems, dtype, dev, kind, kernel_class(info.kind, info.target),
                                  out_bytes=out_bytes)
-                c_list.append(stretch * (t + b))
+                c_list.append(stretch * (t + b) + out_cost[len(c_list)])
                 f_list.append(stretch * t)
             comp[dname] = tuple(c_list)
             fwd[dname] = tuple(f_list)

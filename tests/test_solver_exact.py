@@ -247,3 +247,33 @@ def test_block_deduplication_is_loss_free_without_memory_pressure():
     assert len(full.costed.nodes) > len(deduped.costed.nodes)
     assert deduped.result.objective == pytest.approx(full.result.objective, rel=1e-9)
     assert any("deduplication" in s for s in deduped.shortcuts)
+
+
+def test_output_in_another_placement_pays_the_reshard_to_the_loss():
+    """The loss gets the model output as the runtime's output placement (batch rows on dp,
+    whole on tp). The head's batch-on-tp strategy costs the same work whether or not the head
+    is the last op, plus the all-gather to that placement when it is."""
+
+    class Tail(nn.Module):
+        def __init__(self, last: bool):
+            super().__init__()
+            self.head = nn.Linear(64, 64)
+            self.last = last
+
+        def forward(self, x):
+            y = self.head(x)
+            return y if self.last else torch.relu(y)
+
+    from autopar.placements import Replicate, Shard
+
+    x = torch.randn(16, 64)
+    cand = Candidate(1, 1, 4, 1, "none", 1, (0,))
+    cost = {}
+    for last in (True, False):
+        torch.manual_seed(0)
+        cg = costed(Tail(last), x, cluster(4, 80), cand)
+        head = cg.node("head")
+        k = next(i for i, s in enumerate(head.strategies) if s.outputs[0] == (Replicate(), Shard(0)))
+        dev = next(iter(head.compute_s))
+        cost[last] = head.compute_s[dev][k]
+    assert cost[True] > cost[False] * 1.01
