@@ -164,6 +164,10 @@ def run_model_worker(target: str, cluster: str, steps: int, plan_path: str | Non
         if out_json:
             with open(out_json, "w") as f:
                 json.dump(report, f, indent=2)
+    # every rank reaches teardown together: a rank that destroyed its gloo group while rank 0
+    # was still writing the report once made rank 0 abort at exit ("terminate called without
+    # an active exception", SIGABRT) after a successful run
+    dist.barrier()
     dist.destroy_process_group()
 
 
