@@ -543,26 +543,26 @@ class _GradBuckets:
             return
         locs = [g._local_tensor for g in grads]
         if len(locs) == 1 and locs[0].is_contiguous():  # a bucket of one: summed in place, no copies
-            for grp in self.groups[:-1]:
-                dist.all_reduce(locs[0], group=grp)
-            self._works.append((dist.all_reduce(locs[0], group=self.groups[-1], async_op=True), None, locs))
-            return
-        numel = sum(t.numel() for t in locs)
-        flat = self._flat.get(b) if b is not None else None
-        if flat is None or flat.numel() != numel or flat.dtype != locs[0].dtype or flat.device != locs[0].device:
-            # one buffer per bucket, reused: a fresh one every step page-faults its memory in
-            flat = torch.empty(numel, dtype=locs[0].dtype, device=locs[0].device)
-            if b is not None:
-                self._flat[b] = flat
-        torch.cat([t.reshape(-1) for t in locs], out=flat)
+            buf, flat = locs[0], None
+        else:
+            numel = sum(t.numel() for t in locs)
+            flat = self._flat.get(b) if b is not None else None
+            if flat is None or flat.numel() != numel or flat.dtype != locs[0].dtype or flat.device != locs[0].device:
+                # one buffer per bucket, reused: a fresh one every step page-faults its memory in
+                flat = torch.empty(numel, dtype=locs[0].dtype, device=locs[0].device)
+                if b is not None:
+                    self._flat[b] = flat
+            torch.cat([t.reshape(-1) for t in locs], out=flat)
+            buf = flat
         # over two axes: the first sum is waited for before the second starts (rare: a grad
         # Partial on both dp and tp); over one, the all-reduce runs behind the backward
         for grp in self.groups[:-1]:
-            dist.all_reduce(flat, group=grp)
-        self._works.append((dist.all_reduce(flat, group=self.groups[-1], async_op=True), flat, locs))
+            dist.all_reduce(buf, group=grp)
+        self._works.append((dist.all_reduce(buf, group=self.groups[-1], async_op=True), flat, locs))
 
     def finish(self, grads: dict[str, Any]) -> None:
-        """Sum every gradient in ``grads`` (fqn -> Partial DTensor grad) over dp, in place."""
+        """Sum every gradient in ``grads`` (fqn -> Partial DTensor grad) over this set's
+        groups, in place."""
         if not self.members:
             self._assign(grads)
         for b, names in enumerate(self.members):
