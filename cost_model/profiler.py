@@ -570,10 +570,7 @@ def _collective_samples(rank: int, n: int, group, sizes: Sequence[int], device: 
     t_busy = 0.0
     if busy_s > 0:
         dist.barrier(group=group)
-        _work_segment(20)
-        t0 = time.perf_counter()
-        _work_segment(50)
-        k_busy = max(1, round(busy_s / ((time.perf_counter() - t0) / 50)))
+        k_busy = _segment_calls(busy_s, _segment_call_s())
         dist.barrier(group=group)
         t_busy = _median_time(lambda: _work_segment(k_busy), 15)
     out: dict[str, list] = {}
@@ -632,6 +629,20 @@ def _collective_samples(rank: int, n: int, group, sizes: Sequence[int], device: 
 IN_PLACE_BUSY_S = 0.001
 
 
+def _segment_call_s(calls: int = 50) -> float:
+    """Seconds of one :func:`_work_segment` call, measured here after a warm-up (call it with
+    every rank computing, as in the measurement that uses it)."""
+    _work_segment(20)
+    t0 = time.perf_counter()
+    _work_segment(calls)
+    return (time.perf_counter() - t0) / calls
+
+
+def _segment_calls(seconds: float, call_s: float) -> int:
+    """:func:`_work_segment` calls that take about ``seconds`` (at least one)."""
+    return max(1, round(seconds / call_s))
+
+
 def _work_segment(k: int) -> None:
     """``k`` small matmuls: the stand-in for a rank's compute between two collectives."""
     import torch
@@ -660,11 +671,12 @@ def sync_costs(group, n: int, segments_s: tuple[float, ...] = (0.002, 0.012), re
     work summed likewise, it gives ``skew_fraction`` (wait per second of work). The constant
     part of the wait is already in the link's fits (measured after the same kind of compute);
     ``sync_s`` is instead what the runtime adds to every reshard collective: a DTensor
-    ``redistribute`` over the bare collective it issues (:func:`_redistribute_overhead`). ``overlap_efficiency``: a ``big_bytes`` all-reduce started async, then
-    about as much compute, then the wait: ``(T_work + T_coll - T_both) / min(T_work, T_coll)``,
-    clipped to [0, 1] (1 = the collective hid behind the compute). Each figure is the mean over
-    the ranks (gathered), so one rank's luck does not decide it; the line is a least-squares fit
-    over the compute lengths. Returns the figures and the raw samples."""
+    ``redistribute`` over the bare collective it issues (:func:`_redistribute_overhead`).
+    ``overlap_efficiency``: a ``big_bytes`` all-reduce started async, then about as much
+    compute, then the wait: ``(T_work + T_coll - T_both) / min(T_work, T_coll)``, clipped to
+    [0, 1] (1 = the collective hid behind the compute). Every figure pools all ranks'
+    samples (gathered), so one rank's luck does not decide it. Returns the figures and the
+    raw samples."""
     import torch
     import torch.distributed as dist
 
@@ -673,10 +685,7 @@ def sync_costs(group, n: int, segments_s: tuple[float, ...] = (0.002, 0.012), re
 
     # calibrate the matmul rate with every rank computing, as in the measurement
     barrier()
-    _work_segment(20)
-    t0 = time.perf_counter()
-    _work_segment(100)
-    per_call = (time.perf_counter() - t0) / 100
+    per_call = _segment_call_s(100)
     small = torch.ones(max(1, small_bytes // 4))
     big = torch.ones(max(1, big_bytes // 4))
 
@@ -696,17 +705,17 @@ def sync_costs(group, n: int, segments_s: tuple[float, ...] = (0.002, 0.012), re
 
     # the reference: the same all-reduce after IN_PLACE_BUSY_S of compute, as the link's fits
     # are measured (_collective_samples), so sync_s is only what the fits do not already hold
-    k_ref = max(1, round(IN_PLACE_BUSY_S / per_call))
+    k_ref = _segment_calls(IN_PLACE_BUSY_S, per_call)
     t_idle = max(0.0, med(lambda: (_work_segment(k_ref), dist.all_reduce(small, group=group)))
                  - med(lambda: _work_segment(k_ref)))
     points = []
     for seg in segments_s:
-        k = max(1, round(seg / per_call))
+        k = _segment_calls(seg, per_call)
         t_work = med(lambda: _work_segment(k))
         t_both = med(lambda: (_work_segment(k), dist.all_reduce(small, group=group)))
         points.append((t_work, max(0.0, t_both - t_work - t_idle)))
     t_coll = med(lambda: dist.all_reduce(big, group=group), each_barrier=True)
-    k = max(1, round(t_coll / per_call))
+    k = _segment_calls(t_coll, per_call)
     t_work = med(lambda: _work_segment(k))
 
     def overlapped() -> None:
@@ -724,14 +733,12 @@ def sync_costs(group, n: int, segments_s: tuple[float, ...] = (0.002, 0.012), re
     # the 2-core VM (4 ranks: 0.02 + 4.7 ms, then 0.19 + 0.3 ms); the constant part of a
     # collective's cost is already in the link's fits, measured after the same kind of compute.
     frac = (sum(y for r in every for _, y in r["points"]) / max(1e-12, sum(x for r in every for x, _ in r["points"])))
-    const = 0.0
     effs = []
     for r in every:
         hidden = r["t_work"] + r["t_coll"] - r["t_overlap"]
         effs.append(min(1.0, max(0.0, hidden / max(1e-12, min(r["t_work"], r["t_coll"])))))
     dtensor = [r["t_dtensor"] for r in every if r["t_dtensor"] is not None]
-    const = statistics.fmean(dtensor) if dtensor else const
-    return {"skew_fraction": frac, "sync_s": const, "overlap_efficiency": statistics.fmean(effs),
+    return {"skew_fraction": frac, "sync_s": statistics.fmean(dtensor) if dtensor else 0.0, "overlap_efficiency": statistics.fmean(effs),
             "samples": every}
 
 
