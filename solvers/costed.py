@@ -557,9 +557,9 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
             out_cost = [_edge_cost(nbytes, st.outputs[0], out_want, want_grad, mesh, links) for st in ss]
         for dname, dev in devices.items():
             c_list, f_list = [], []
-            for s in ss:
+            for k, s in enumerate(ss):
                 if info.kind is OpKind.INPUT or (kind is None and dev.node_overhead_s <= 0):
-                    c_list.append(out_cost[len(c_list)])
+                    c_list.append(out_cost[k])
                     f_list.append(0.0)
                     continue
                 flops = info.flops / (m if batched else 1) / _work_factor(s, mesh)
@@ -577,7 +577,7 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
                 # measured runtime per-node overhead and non-matmul kernel rates where the device has them
                 t, b = node_time(flops, moved, elems, dtype, dev, kind, kernel_class(info.kind, info.target),
                                  out_bytes=out_bytes)
-                c_list.append(stretch * (t + b) + out_cost[len(c_list)])
+                c_list.append(stretch * (t + b) + out_cost[k])
                 f_list.append(stretch * t)
             comp[dname] = tuple(c_list)
             fwd[dname] = tuple(f_list)
