@@ -290,6 +290,17 @@ def _stage_time(solver, cg: CostedGraph, x, z, R, O) -> list:
     return t
 
 
+def _held_states(cg: CostedGraph, y, n, i: int, dev: str):
+    """(copies on stage i, state cost, indicator variable) for each (strategy, config) choice
+    of node ``n``'s parameters held on stage ``i``; nothing for a node without parameters."""
+    if n.state is None:
+        return
+    for j, kk in param_holders(cg, n):
+        if j == i:
+            for (s, c), v in y[n.name].items():
+                yield kk, n.state[dev][s][c], v
+
+
 def _memory(solver, cg: CostedGraph, x, y, R, O) -> None:
     for i, st in enumerate(cg.stages):
         dev = st.device
@@ -299,14 +310,8 @@ def _memory(solver, cg: CostedGraph, x, y, R, O) -> None:
             if k:
                 for a, v in zip(n.act_bytes, x[n.name]):
                     _add(terms, v, st.inflight * k * a / GIB)
-            if n.state is None:
-                continue
-            for j, kk in param_holders(cg, n):
-                if j != i:
-                    continue
-                for (s, c), v in y[n.name].items():
-                    sc = n.state[dev][s][c]
-                    _add(terms, v, (kk * sc.memory_bytes + sc.working_bytes) / GIB)
+            for kk, sc, v in _held_states(cg, y, n, i, dev):
+                _add(terms, v, (kk * sc.memory_bytes + sc.working_bytes) / GIB)
         _, AC = _block_sums(cg, i)
         for prod in (R, O):
             for (j, u, s), v in prod.items():
@@ -315,12 +320,8 @@ def _memory(solver, cg: CostedGraph, x, y, R, O) -> None:
         _constraint(solver, terms, -solver.infinity(), st.capacity_bytes / GIB, f"memory[{i}]")
         host: Terms = {}
         for n in cg.nodes:
-            if n.state is None:
-                continue
-            for j, kk in param_holders(cg, n):
-                if j == i:
-                    for (s, c), v in y[n.name].items():
-                        _add(host, v, kk * n.state[dev][s][c].host_bytes / GIB)
+            for kk, sc, v in _held_states(cg, y, n, i, dev):
+                _add(host, v, kk * sc.host_bytes / GIB)
         for (j, u, s), v in O.items():
             if j == i:
                 _add(host, v, st.inflight * AC[u, s] / GIB)
@@ -370,19 +371,13 @@ def _step_bound(solver, cg: CostedGraph, x, y, t_stage: list, Q) -> None:
                     _add(sync, xv, -k * MS * c)
                     if e < 1.0:
                         _add(sync_min, xv, -(1.0 - e) * k * MS * c)
-            if n.state is None:
-                continue
-            for j, kk in param_holders(cg, n):
-                if j != i:
-                    continue
-                for (s, c), yv in y[n.name].items():
-                    sc = n.state[dev][s][c]
-                    _add(over, yv, -kk * MS * sc.overlap_s)
-                    _add(sync, yv, -kk * MS * sc.sync_s)
-                    _add(step, yv, -kk * MS * sc.step_s)
-                    if e < 1.0:
-                        _add(over_min, yv, -(1.0 - e) * kk * MS * sc.overlap_s)
-                        _add(sync_min, yv, -(1.0 - e) * kk * MS * sc.sync_s)
+            for kk, sc, yv in _held_states(cg, y, n, i, dev):
+                _add(over, yv, -kk * MS * sc.overlap_s)
+                _add(sync, yv, -kk * MS * sc.sync_s)
+                _add(step, yv, -kk * MS * sc.step_s)
+                if e < 1.0:
+                    _add(over_min, yv, -(1.0 - e) * kk * MS * sc.overlap_s)
+                    _add(sync_min, yv, -(1.0 - e) * kk * MS * sc.sync_s)
         _constraint(solver, over, 0, inf, f"overlap[{i}]")
         _constraint(solver, sync, 0, inf, f"sync[{i}]")
         if e < 1.0:
