@@ -22,7 +22,7 @@ import inspect
 import os
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -423,6 +423,38 @@ def _to_meta(x: Any) -> Any:
     return x
 
 
+def run_on_fake(gm: fx.GraphModule, interp: fx.Interpreter,
+                inputs: Callable[[Callable[..., torch.Tensor]], tuple]) -> None:
+    """Run ``interp`` (an interpreter over ``gm``) with ``gm``'s parameters, buffers and inputs
+    as fake CPU tensors: shapes, dtypes and FLOPs without storage. ``inputs(fake)`` builds
+    the inputs, where ``fake(shape, dtype)`` makes one fake tensor.
+
+    Fake CPU tensors rather than meta ones: some meta kernels (SDPA) return strides the CPU
+    kernels do not, which breaks view() in export graphs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call
+
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+
+    def fake(shape, dtype) -> torch.Tensor:
+        with mode:
+            return torch.empty(tuple(shape), dtype=dtype, device="cpu", requires_grad=False)
+
+    state = {f"inner.{k}": fake(v.shape, v.dtype) for k, v in [*gm.named_parameters(), *gm.named_buffers()]}
+    args = inputs(fake)
+
+    class _Runner(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *a):
+            return interp.run(*a)
+
+    with torch.no_grad(), mode:
+        functional_call(_Runner(gm), state, args)
+
+
 class _SpecProp(fx.Interpreter):
     """Runs the program on meta tensors, recording output specs and FLOPs per node."""
 
@@ -522,31 +554,9 @@ def capture(
         canon.setdefault(name, name)
     aliases = {k: v for k, v in canon.items() if k != v}
 
-    # Fake CPU tensors (no storage) rather than meta ones: some meta kernels (SDPA) return
-    # strides the CPU kernels do not, which breaks view() in export graphs.
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.func import functional_call
-
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
-
-    def fake(t: torch.Tensor) -> torch.Tensor:
-        with mode:
-            return torch.empty(t.shape, dtype=t.dtype, device="cpu", requires_grad=False)
-
-    state = {f"inner.{k}": fake(v) for k, v in [*gm.named_parameters(), *gm.named_buffers()]}
-    fake_inputs = tuple(fake(t) if isinstance(t, torch.Tensor) else t for t in meta_inputs)
     prop = _SpecProp(gm)
-
-    class _Runner(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args):
-            return prop.run(*args)
-
-    with torch.no_grad(), mode:
-        functional_call(_Runner(gm), state, fake_inputs)
+    run_on_fake(gm, prop, lambda fake: tuple(fake(t.shape, t.dtype) if isinstance(t, torch.Tensor) else t
+                                             for t in meta_inputs))
 
     blocks = find_repeated_blocks(model)
     nodes: dict[str, NodeInfo] = {}

@@ -37,18 +37,9 @@ def microbatch_specs(graph, mb_rows: int) -> dict[str, tuple[tuple[int, ...], to
     Runs the program on fake tensors (no memory), like capture does for the full batch.
     """
     import torch.fx as fx
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.func import functional_call
 
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    from autopar.graph import run_on_fake
 
-    def fake(shape, dtype):
-        with mode:
-            return torch.empty(shape, dtype=dtype, device="cpu")
-
-    gm = graph.gm
-    state = {f"inner.{k}": fake(tuple(v.shape), v.dtype) for k, v in [*gm.named_parameters(), *gm.named_buffers()]}
-    ins = tuple(fake((mb_rows, *t.shape[1:]), getattr(torch, t.dtype)) for t in graph.inputs)
     specs: dict[str, Any] = {}
 
     class Rec(fx.Interpreter):
@@ -60,18 +51,8 @@ def microbatch_specs(graph, mb_rows: int) -> dict[str, tuple[tuple[int, ...], to
                 specs[n.name] = (tuple(out.shape), out.dtype)
             return out
 
-    rec = Rec(gm)
-
-    class Runner(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args):
-            return rec.run(*args)
-
-    with torch.no_grad(), mode:
-        functional_call(Runner(gm), state, ins)
+    run_on_fake(graph.gm, Rec(graph.gm),
+                lambda fake: tuple(fake((mb_rows, *t.shape[1:]), getattr(torch, t.dtype)) for t in graph.inputs))
     return specs
 
 
