@@ -97,18 +97,23 @@ def build_hf(kind: str):
     return model, (idx,), tgt, lambda out, y: F.cross_entropy(out.flatten(0, -2), y.flatten())
 
 
+def train_plainly(module, opt, inputs, targets, loss_fn, steps: int) -> list:
+    """The user's own loop: ``module(x)``, ``loss.backward()``, ``opt.step()``; the losses."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(module(*inputs), targets)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return losses
+
+
 def reference(model, inputs, targets, loss_fn, steps: int = STEPS, opt_kind: str = "sgd"):
     import copy
 
     m = copy.deepcopy(model)
-    opt = make_optimizer(m.parameters(), opt_kind)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = loss_fn(m(*inputs), targets)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
+    losses = train_plainly(m, make_optimizer(m.parameters(), opt_kind), inputs, targets, loss_fn, steps)
     return losses, {k: v.detach() for k, v in m.named_parameters()}
 
 
@@ -209,13 +214,7 @@ def _run_case(case: str, name: str, kind: str, opts: dict, ckpt_root: str) -> di
         losses.append(pm.train_step(inputs, targets, loss_fn, opt))
         ref_steps = [STEPS - 1]
     elif opts.get("plain") == "1":  # the user's own loop: model(x), loss.backward(), optimizer.step()
-        opt = make_optimizer(pm.parameters(), opt_kind)
-        for _ in range(STEPS):
-            opt.zero_grad()
-            loss = loss_fn(pm(*inputs), targets)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
+        losses = train_plainly(pm, make_optimizer(pm.parameters(), opt_kind), inputs, targets, loss_fn, STEPS)
     else:
         n = STEPS - 1 if ("ckpt" in opts or "save" in opts) else STEPS
         for _ in range(n):
