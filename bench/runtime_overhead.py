@@ -32,6 +32,17 @@ def _mlp(width: int, layers: int):
     return nn.Sequential(*mods)
 
 
+def _eager_step(module, opt, x, y):
+    """One hand-written training step (MSE loss) of ``module`` with ``opt``, as a closure."""
+    import torch.nn.functional as F
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(module(x), y).backward()
+        opt.step()
+    return step
+
+
 def _time_steps(step, n: int) -> list[float]:
     import torch.distributed as dist
 
@@ -75,10 +86,7 @@ def worker(args) -> None:
     ddp_opt = torch.optim.Adam(ddp.parameters(), lr=1e-4)
     xs, ys = x.chunk(ws)[rank], y.chunk(ws)[rank]
 
-    def ddp_step():
-        ddp_opt.zero_grad(set_to_none=True)
-        F.mse_loss(ddp(xs), ys).backward()
-        ddp_opt.step()
+    ddp_step = _eager_step(ddp, ddp_opt, xs, ys)
 
     def ap_dp_step():
         pm.train_step((x,), y, F.mse_loss, factory)
@@ -109,10 +117,7 @@ def worker(args) -> None:
     hand = parallelize_module(hand, tp_mesh, plan)
     hand_opt = torch.optim.Adam(hand.parameters(), lr=1e-4)
 
-    def hand_tp_step():
-        hand_opt.zero_grad(set_to_none=True)
-        F.mse_loss(hand(x), y).backward()
-        hand_opt.step()
+    hand_tp_step = _eager_step(hand, hand_opt, x, y)
 
     def ap_tp_step():
         pm_tp.train_step((x,), y, F.mse_loss, factory)
