@@ -511,30 +511,16 @@ def _view_dim_map(node: NodeInfo, ctx: OpContext, in_shape: tuple[int, ...]) -> 
             return lambda d: d
         m = reshape_map(in_shape, out_shape)
         return lambda d: m.get(d)
-    if name in ("chunk", "split", "tensor_split", "split_with_sizes"):
-        dim = _dim_arg(ctx, 2, "dim", 0)
+    # ops that cut along one dim (position of the dim argument, whether the dim is removed):
+    # every other dim maps through, shifted down past a removed one
+    cut = {"chunk": (2, False), "split": (2, False), "tensor_split": (2, False), "split_with_sizes": (2, False),
+           "narrow": (1, False), "slice": (1, False), "unbind": (1, True), "select": (1, True)}.get(name)
+    if cut is not None:
+        dim = _dim_arg(ctx, cut[0], "dim", 0)
         if not isinstance(dim, int):
             return None
-        c = _norm_dim(dim, nd)
-        return lambda d: None if d == c else d
-    if name == "unbind":
-        dim = _dim_arg(ctx, 1, "dim", 0)
-        if not isinstance(dim, int):
-            return None
-        c = _norm_dim(dim, nd)
-        return lambda d: None if d == c else (d if d < c else d - 1)
-    if name in ("narrow", "slice"):
-        dim = _dim_arg(ctx, 1, "dim", 0)
-        if not isinstance(dim, int):
-            return None
-        c = _norm_dim(dim, nd)
-        return lambda d: None if d == c else d
-    if name == "select":
-        dim = _dim_arg(ctx, 1, "dim", 0)
-        if not isinstance(dim, int):
-            return None
-        c = _norm_dim(dim, nd)
-        return lambda d: None if d == c else (d if d < c else d - 1)
+        c, removed = _norm_dim(dim, nd), cut[1]
+        return lambda d: None if d == c else (d - 1 if removed and d > c else d)
     if name in ("expand", "expand_as"):
         off = len(out_shape) - nd
         return lambda d: (d + off) if in_shape[d] == out_shape[d + off] else None
