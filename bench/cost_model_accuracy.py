@@ -18,18 +18,21 @@
    times across all cases, and peak memory predicted vs measured.
 
 What "measured peak memory" is: per rank, the bytes of the rank's local parameter shards
-(counted exactly from the tensors) plus the growth of the process's resident set during
-training, i.e. ``VmHWM - VmRSS`` read from ``/proc/self/status`` after the high-water mark
-was reset (``/proc/self/clear_refs`` "5") just before the first step. That growth is the
-gradients, optimizer state, saved activations and temporaries the prediction covers; the
-Python/torch baseline and the full unsharded model the capture keeps are excluded, as the
-prediction excludes them. Workers run with glibc's default allocator settings, as a user's
-training does: fixing ``MALLOC_MMAP_THRESHOLD_`` at 64 KiB (set
-``AUTOPAR_BENCH_MMAP_THRESHOLD=65536`` to do so) makes glibc return freed tensors to the OS,
-so reuse of memory freed before the reset cannot hide growth, but it also makes every step
-page-fault its tensors afresh and measured 83 ms -> 139 ms for the small GPT: step times then
-describe that allocator, not a normal run. The maximum over ranks is reported. Small models are dominated by
-noise of a few MiB, so memory is compared only where the prediction exceeds ``--min-mem-mib``.
+(counted exactly from the tensors) plus the peak bytes of tensors created and alive at once
+during the warm-up steps (the first creates the optimizer state, the second is a steady step),
+counted by :class:`autopar.runtime.live_memory.LiveTensorBytes`, the CPU's analogue of
+``torch.cuda.max_memory_allocated``. That is what the prediction covers: gradients, optimizer
+state, saved activations, gradient buckets and temporaries. The timed steps run without the
+probe. The maximum over ranks is reported.
+
+The "RSS MiB" column is what the process's resident set grew by over all steps
+(``VmHWM - VmRSS`` after resetting the high-water mark, plus the local parameters), shown for
+comparison and not scored: it adds what libraries and the allocator keep for themselves, which
+no tensor accounts for. With MKL (the x86 wheels) that is mostly the BLAS's cached GEMM
+packing buffers, 5-70 MiB per process depending on the matmul shapes and thread count
+(``MKL_DISABLE_FAST_MM=1`` removes it), and it can be smaller than the tensor figure when the
+step reuses memory the process freed before the reset. Small models are dominated by noise of
+a few MiB, so memory is compared only where the prediction exceeds ``--min-mem-mib``.
 
 The targets (issue 3): MAPE <= 15 % and Spearman >= 0.9 over at least 12 cases; peak memory
 within 15 %. A loaded machine inflates measured times (the profile and the runs do not see the
@@ -196,6 +199,7 @@ def run_case_on_rank(case: dict, steps: int, warmup: int) -> dict:
     from autopar.graph import capture
     from autopar.plan import Plan
     from autopar.runtime.apply import apply_plan
+    from autopar.runtime.live_memory import LiveTensorBytes
 
     model, inputs, targets, loss_fn = build_small(case["model"])
     graph = capture(model, inputs)
@@ -210,20 +214,25 @@ def run_case_on_rank(case: dict, steps: int, warmup: int) -> dict:
     reset_ok = _reset_peak_rss()
     base = _proc_status("VmRSS")
     times = []
-    for i in range(warmup + steps):
+    # the warm-up steps (the first creates the optimizer state, the next is a steady step) are
+    # untimed and run under the live-tensor probe; the timed steps run without it
+    with LiveTensorBytes() as probe:
+        for i in range(warmup):
+            dist.barrier()
+            pm.train_step(inputs, targets, loss_fn, opt)
+    for i in range(steps):
         dist.barrier()
         t0 = time.perf_counter()
         pm.train_step(inputs, targets, loss_fn, opt)
         dist.barrier()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    peak = _proc_status("VmHWM") if reset_ok else 0
-    mem = local + max(0, peak - base) if reset_ok else -1
+        times.append(time.perf_counter() - t0)
+    rss = local + max(0, _proc_status("VmHWM") - base) if reset_ok else -1
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, mem)
+    dist.all_gather_object(out, (local + probe.peak_bytes, rss))
     del pm
     gc.collect()
-    return {"step_s": statistics.median(times), "times": times, "peak_bytes": max(out), "local_param_bytes": local}
+    return {"step_s": statistics.median(times), "times": times, "peak_bytes": max(m for m, _ in out),
+            "rss_bytes": max(r for _, r in out), "local_param_bytes": local}
 
 
 def _warm_process(ws: int) -> None:
@@ -318,11 +327,9 @@ def measure(cases: list[Case], preds: dict, steps: int, warmup: int, timeout_s: 
                 json.dump([{"label": c.label, "model": c.model, "plan_json": preds[c.label]["plan_json"]}
                            for c in group], f)
             t0 = time.perf_counter()
-            threshold = os.environ.get("AUTOPAR_BENCH_MMAP_THRESHOLD")
-            env = {"MALLOC_MMAP_THRESHOLD_": threshold} if threshold else {}
             try:
                 run_workers(os.path.abspath(__file__), n, ["--worker", cp, op, str(steps), str(warmup)],
-                            timeout_s=timeout_s, env=env)
+                            timeout_s=timeout_s)
                 with open(op) as f:
                     for r in json.load(f):
                         results[r["label"]] = r
@@ -336,7 +343,7 @@ def measure(cases: list[Case], preds: dict, steps: int, warmup: int, timeout_s: 
 
 def report(cases: list[Case], preds: dict, meas: dict, min_mem: float) -> None:
     print(f"\n{'case':<16}{'pred ms':>10}{'meas ms':>10}{'err %':>8}{'spread %':>10}   {'pred MiB':>9}{'meas MiB':>10}"
-          f"{'err %':>8}   predicted compute/comm/bubble ms")
+          f"{'err %':>8}{'RSS MiB':>9}   predicted compute/comm/bubble ms")
     P, M, MP, MM = [], [], [], []
     per_model: dict[str, list[tuple[float, float]]] = {}
     for c in cases:
@@ -358,7 +365,7 @@ def report(cases: list[Case], preds: dict, meas: dict, min_mem: float) -> None:
         else:
             me = f"{'-':>8}"
         print(f"{c.label:<16}{p['step_s'] * 1e3:10.1f}{m['step_s'] * 1e3:10.1f}{e:8.1f}{spread:10.0f}   "
-              f"{pm:9.1f}{mm:10.1f}{me}"
+              f"{pm:9.1f}{mm:10.1f}{me}{m.get('rss_bytes', -1) / 2**20:9.1f}"
               f"   {p['compute_s'] * 1e3:.1f}/{p['comm_s'] * 1e3:.1f}/{p['bubble_s'] * 1e3:.1f}")
     if len(P) >= 2:
         print(f"\nstep time over {len(P)} cases: MAPE {mape(P, M):.1f} % (target <= 15), "
@@ -383,6 +390,9 @@ def main(argv=None) -> None:
                     help="compare peak memory only where the prediction is at least this (smaller is noise)")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.warmup < 2:
+        ap.error(f"--warmup must be at least 2, got {args.warmup}: peak memory is measured over the warm-up "
+                 "steps (the first creates the optimizer state, the second is a steady step)")
     if args.worker:
         cp, op, steps, warmup = args.worker
         worker(cp, op, int(steps), int(warmup))

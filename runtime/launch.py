@@ -110,11 +110,11 @@ def run_model_worker(target: str, cluster: str, steps: int, plan_path: str | Non
     from autopar.graph import capture
     from autopar.plan import Plan
     from autopar.runtime.apply import apply_plan
+    from autopar.runtime.live_memory import LiveTensorBytes
     from autopar.runtime.mesh import init_distributed
 
     init_distributed()
     rank, ws = dist.get_rank(), dist.get_world_size()
-    baseline = _current_rss()  # the interpreter + torch, before any model memory
     torch.manual_seed(0)
     model, inputs, targets, loss_fn = load_target(target)
     graph = capture(model, inputs)
@@ -136,16 +136,27 @@ def run_model_worker(target: str, cluster: str, steps: int, plan_path: str | Non
     loss = None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    # on a CPU, live tensors are counted over the first two steps (the first creates the
+    # optimizer state, the second is steady); the step time is the median of the later ones
+    probe = None if torch.cuda.is_available() else LiveTensorBytes()
     for i in range(steps):
         dist.barrier()
         t0 = time.perf_counter()
-        loss = pm.train_step(inputs, targets, loss_fn, opt)
+        if probe is not None and i < 2:
+            with probe:
+                loss = pm.train_step(inputs, targets, loss_fn, opt)
+        else:
+            loss = pm.train_step(inputs, targets, loss_fn, opt)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     warm = times[min(2, len(times) - 1):]
     measured = sorted(warm)[len(warm) // 2]
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else max(0, _peak_rss() - baseline)
+    if probe is None:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = probe.peak_bytes + sum(
+            t.numel() * t.element_size() for t in (getattr(p, "_local_tensor", p) for p in pm.local_params.values()))
     peaks = [None] * ws
     dist.all_gather_object(peaks, peak)
     if rank == 0:
@@ -155,7 +166,7 @@ def run_model_worker(target: str, cluster: str, steps: int, plan_path: str | Non
                   "loss": float(loss), "measured_step_s": measured, "predicted_step_s": pred.step_time_s,
                   "measured_peak_bytes": max(peaks), "predicted_peak_bytes": mem_pred,
                   "memory_kind": "cuda max_memory_allocated" if torch.cuda.is_available()
-                  else "process peak RSS minus RSS before the model was built"}
+                  else "local parameter shards + peak live tensors (autopar.runtime.live_memory)"}
         print(f"autopar run {target} on {cluster} (mesh pp={plan.mesh['pp']} dp={plan.mesh['dp']} "
               f"tp={plan.mesh['tp']}), {steps} steps, final loss {float(loss):.4f}")
         print(f"  step time  measured {measured * 1e3:9.2f} ms   predicted {pred.step_time_s * 1e3:9.2f} ms")
@@ -169,20 +180,6 @@ def run_model_worker(target: str, cluster: str, steps: int, plan_path: str | Non
     # an active exception", SIGABRT) after a successful run
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _current_rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _solve(model, inputs, graph, cluster: str, ws: int):

@@ -1,0 +1,51 @@
+"""LiveTensorBytes counts the tensors a step creates, exactly, and lets go of freed ones."""
+from __future__ import annotations
+
+import torch
+
+from autopar.runtime.live_memory import LiveTensorBytes
+
+
+def test_counts_created_tensors_and_their_release():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(256, 256))
+    x = torch.randn(64, 256)
+    opt = torch.optim.Adam([w], lr=1e-3)
+    W = w.numel() * 4
+    with LiveTensorBytes() as probe:
+        _ = w.t(), x[:8]  # views of storages that existed before: not the step's
+        assert probe.live_bytes == 0
+        loss = (x @ w).relu().sum()
+        loss.backward()
+        del loss
+        # the gradient, plus the (64, 256) activation the relu saved until the backward freed it
+        assert probe.live_bytes == W
+        assert probe.peak_bytes >= W + 64 * 256 * 4
+        opt.step()  # Adam's two moments and its step count
+        assert probe.live_bytes == 3 * W + 4
+        opt.zero_grad(set_to_none=True)
+        assert probe.live_bytes == 2 * W + 4
+    assert probe.peak_bytes >= 3 * W
+
+
+def test_dtensor_counts_its_local_shard():
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from autopar.runtime.testing import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        a = distribute_tensor(torch.randn(128, 64), mesh, [Replicate()])
+        with LiveTensorBytes() as probe:
+            b = a * 2
+            assert probe.live_bytes == 128 * 64 * 4
+            del b
+            assert probe.live_bytes == 0
+    finally:
+        dist.destroy_process_group()
