@@ -18,7 +18,9 @@ incoming gradient and writes one gradient: also taken as 2x forward (2 reads + 1
 
 Whole graph nodes (:func:`node_time`) on a device the profiler measured: ELEMENTWISE / NORM /
 SOFTMAX nodes are priced at the measured elements/s of their kernel (``kernel_rates``; gelu's
-erf, silu, tanh ... are compute-bound on a CPU, far below the stream-bandwidth roofline), and
+erf, silu, tanh ... are compute-bound on a CPU, far below the stream-bandwidth roofline),
+CONV nodes by the measured convolution fit (small convolutions run far below the matmul
+fit on a CPU, and their backward at a third to a half of the forward's FLOP/s), and
 every node the runtime executes (views included) pays the runtime's measured per-node
 overhead (``node_overhead_s``) and, for the bytes it allocates, the measured page-fault cost
 of fresh memory (``first_touch_bandwidth``). Catalog devices carry none of these and keep
@@ -90,9 +92,11 @@ def kernel_class(node_kind: str, target: str) -> "str | None":
     """Which measured kernel prices a graph node: ``node_kind`` is the NodeInfo's ``OpKind``
     value, ``target`` its target name (``"torch.nn.functional.gelu"``, ``"ln_1"`` for a
     LayerNorm module ...). NORM nodes are ``layer_norm``, SOFTMAX ``softmax``; ELEMENTWISE nodes
-    by name (transcendental ops by their function, ``mul``-like, else ``add``); other kinds None
-    (priced on the roofline)."""
+    by name (transcendental ops by their function, ``mul``-like, else ``add``); CONV ``conv``
+    (priced by FLOPs on the measured convolution fit); other kinds None (the roofline)."""
     k = str(getattr(node_kind, "value", node_kind)).lower()
+    if k == "conv":
+        return "conv"
     if k not in _KERNEL_KINDS:
         return None
     if k == "norm":
@@ -130,7 +134,12 @@ def node_time(flops: float, bytes_moved: float, elements: float, dtype, device: 
         fwd = op_time(flops, bytes_moved, dtype, device, kind=kind, include_overhead=False)
         bwd = backward_time(fwd, kind=kind)
         rates = device.kernel_rates
-        if kernel is not None and elements > 0:
+        if kernel == "conv":  # FLOP-priced: the measured fit (seconds = (flops + half) / rate)
+            if rates.get("conv_fwd") and flops > 0:
+                fwd = max(fwd, (flops + rates.get("conv_fwd_half", 0.0)) / rates["conv_fwd"])
+            if rates.get("conv_bwd") and flops > 0:
+                bwd = max(bwd, (BACKWARD_FACTOR * flops + rates.get("conv_bwd_half", 0.0)) / rates["conv_bwd"])
+        elif kernel is not None and elements > 0:
             if rates.get(f"{kernel}_fwd"):
                 fwd = max(fwd, elements / rates[f"{kernel}_fwd"])
             if rates.get(f"{kernel}_bwd"):

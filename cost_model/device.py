@@ -104,8 +104,10 @@ class DeviceSpec:
         measured on the runtime itself by the profiler; 0 = not measured, and then each op is
         charged ``op_overhead_s`` instead (:func:`autopar.cost_model.compute.node_time`).
       kernel_rates: measured elements/s of non-matmul kernels, keys ``NAME_fwd``/``NAME_bwd``
-        for NAME in gelu, silu, tanh, exp, softmax, layer_norm, add, mul (fp32); empty for
-        catalog devices, which keep the roofline.
+        for NAME in gelu, silu, tanh, exp, softmax, layer_norm, add, mul (fp32), and the
+        convolution fit ``seconds = (flops + half) / rate`` per direction: ``conv_fwd`` /
+        ``conv_bwd`` in FLOP/s, ``conv_fwd_half`` / ``conv_bwd_half`` in FLOPs (the backward's
+        FLOPs are twice the forward's); empty for catalog devices, which keep the roofline.
       optimizer_tensor_overhead_s: optimizer -> seconds per parameter tensor per step of a
         single-tensor (for-loop) optimizer (keys ``adam``, ``sgd``); empty = not measured.
       optimizer_rates: optimizer -> measured parameter elements/s of its step's arithmetic

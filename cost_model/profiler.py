@@ -273,6 +273,13 @@ def host_copy_bandwidth(numel: int = 1 << 24) -> float:
 #: prices ELEMENTWISE / NORM / SOFTMAX nodes on a measured device (see compute.kernel_class).
 KERNELS: tuple[str, ...] = ("gelu", "silu", "tanh", "exp", "softmax", "layer_norm", "add", "mul")
 KERNEL_SHAPE: tuple[int, int] = (512, 1024)  # 2 MiB fp32: a GPT MLP activation of the small models
+#: (batch, channels in, channels out, height = width, kernel, stride) of the measured
+#: convolutions: a strided 1x1 shortcut, a 3x3 of the small ResNet the benchmarks run, and a
+#: larger 3x3, spanning 1-300 MFLOP. On the 2-core VM (oneDNN) the 1x1 ran at 13 GFLOP/s
+#: forward and the 3x3s at 110-150, and the backward of the small ones at a third to a half of
+#: their forward's FLOP/s, where a matmul's "backward = 2x forward" assumes the same.
+CONV_SHAPES: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (16, 32, 64, 8, 1, 2), (16, 32, 32, 8, 3, 1), (16, 64, 64, 16, 3, 1))
 
 
 def _kernel_fn(name: str, width: int):
@@ -292,9 +299,10 @@ def _kernel_fn(name: str, width: int):
 
 
 def kernel_rates(shape: tuple[int, int] = KERNEL_SHAPE, device: str = "cpu", reps: int = 7, chain: int = 16,
-                 kernels: Sequence[str] = KERNELS, shared: bool = False) -> dict[str, float]:
+                 kernels: Sequence[str] = KERNELS, shared: bool = False, conv: bool = True) -> dict[str, float]:
     """Elements/s of each kernel's forward (``NAME_fwd``) and backward (``NAME_bwd``) on an
-    fp32 tensor of ``shape``, allocating as a training step does: one repetition runs the op
+    fp32 tensor of ``shape``, and with ``conv`` the ``conv2d`` fit of :func:`_conv_rates`,
+    allocating as a training step does: one repetition runs the op
     ``chain`` times keeping every output alive (like saved activations: forward with autograd
     recording; backward as ``autograd.grad`` of one recorded forward, a fresh gradient each
     call), then frees them all, so outputs land in freshly mapped memory whose first touch is
@@ -309,7 +317,7 @@ def kernel_rates(shape: tuple[int, int] = KERNEL_SHAPE, device: str = "cpu", rep
     numel = shape[0] * shape[1]
     out: dict[str, float] = {}
 
-    def per_call(fn) -> float:
+    def per_call(fn, chain: int = chain, reps: int = reps) -> float:
         fn()
         sync()
         samples = []
@@ -330,6 +338,33 @@ def kernel_rates(shape: tuple[int, int] = KERNEL_SHAPE, device: str = "cpu", rep
         y = f(x)
         gy = torch.randn_like(y)
         out[f"{name}_bwd"] = numel / per_call(lambda: torch.autograd.grad(y, x, gy, retain_graph=True))
+    if conv:
+        out.update(_conv_rates(device, per_call))
+    return out
+
+
+def _conv_rates(device: str, per_call: Callable) -> dict[str, float]:
+    """``conv_fwd`` / ``conv_bwd`` (FLOP/s) and ``conv_fwd_half`` / ``conv_bwd_half`` (FLOPs):
+    the fit ``seconds = (flops + half) / rate`` over :data:`CONV_SHAPES`, forward and backward
+    (input and weight gradients, twice the forward's FLOPs), timed by ``per_call``."""
+    import torch
+    import torch.nn.functional as F
+
+    fwd, bwd = [], []
+    for n, cin, cout, hw, k, stride in CONV_SHAPES:
+        x = torch.randn(n, cin, hw, hw, device=device, requires_grad=True)
+        w = torch.randn(cout, cin, k, k, device=device, requires_grad=True)
+        conv = lambda: F.conv2d(x, w, stride=stride, padding=k // 2)  # noqa: E731
+        y = conv()
+        flops = 2 * y.numel() * cin * k * k
+        fwd.append((flops, per_call(conv, 4, 5)))  # up to milliseconds a call: fewer of them
+        gy = torch.randn_like(y)
+        bwd.append((2 * flops, per_call(lambda: torch.autograd.grad(y, (x, w), gy, retain_graph=True), 4, 5)))
+    out = {}
+    for key, pts in (("conv_fwd", fwd), ("conv_bwd", bwd)):
+        t0, rate = fit_overhead_rate(pts)
+        out[key] = rate
+        out[f"{key}_half"] = max(1.0, t0 * rate)
     return out
 
 
@@ -876,8 +911,8 @@ def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_
                       first_touch_bandwidth=first_touch)
 
 
-_KERNEL_NOTE = ("kernel_rates: fp32 elements/s on a 512x1024 tensor (kernel_rates()), used for every "
-                "dtype; optimizer_tensor_overhead_s / optimizer_rates: single-tensor optimizer step, slope over "
+_KERNEL_NOTE = ("kernel_rates: fp32 elements/s on a 512x1024 tensor, conv_fwd / conv_bwd in FLOP/s of a "
+                "3x3 conv2d (kernel_rates()), used for every dtype; optimizer_tensor_overhead_s / optimizer_rates: single-tensor optimizer step, slope over "
                 "tensor count and per-element rate (optimizer_step_costs()); first_touch_bandwidth: page "
                 "faults + unmap of fresh anonymous memory (first_touch_bandwidth())")
 
@@ -995,6 +1030,7 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
     raw["runtime_node_overhead"] = rt_ovh
     say("kernels (Melem/s fwd/bwd): " + ", ".join(
         f"{k} {cpu_kernels[k + '_fwd'] / 1e6:.0f}/{cpu_kernels[k + '_bwd'] / 1e6:.0f}" for k in KERNELS)
+        + f"; conv2d 3x3 GFLOP/s fwd/bwd {cpu_kernels['conv_fwd'] / 1e9:.1f}/{cpu_kernels['conv_bwd'] / 1e9:.1f}"
         + "; optimizer per tensor " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in opt_ovh.items())
         + ", per element " + ", ".join(f"{k} {v / 1e6:.0f} Melem/s" for k, v in opt_costs["elements_per_s"].items())
         + f"; first touch {cpu_ft / 1e9:.2f} GB/s")

@@ -45,6 +45,7 @@ def test_devicespec_new_fields_default_round_trip_and_old_json():
     (OpKind.ELEMENTWISE, "_operator.mul", "mul"),
     (OpKind.NORM, "h.0.ln_1", "layer_norm"),
     (OpKind.SOFTMAX, "torch.softmax", "softmax"),
+    (OpKind.CONV, "layer1.0.conv1", "conv"),
     (OpKind.LINEAR, "h.0.mlp.c_fc", None),
     (OpKind.VIEW, "transpose", None),
 ])
@@ -83,6 +84,20 @@ def test_node_time_uses_measured_rates_and_runtime_overhead():
     assert b3 == pytest.approx(elems / 5e8 + BACKWARD_FACTOR * plain.op_overhead_s)
 
 
+def test_node_time_prices_a_convolution_by_its_measured_fit():
+    fit = {"conv_fwd": 2e11, "conv_fwd_half": 2e7, "conv_bwd": 1e11, "conv_bwd_half": 5e7}
+    cpu = _cpu(kernel_rates=fit)
+    flops = 1e6  # a small 1x1 convolution: far below the matmul fit's rate on the measured device
+    f, b = node_time(flops, 1e5, 1e4, "fp32", cpu, "matmul", "conv")
+    roof = op_time(flops, 1e5, "fp32", cpu, kind="matmul", include_overhead=False)
+    assert f == pytest.approx((flops + 2e7) / 2e11 + cpu.op_overhead_s)
+    assert b == pytest.approx((2 * flops + 5e7) / 1e11 + BACKWARD_FACTOR * cpu.op_overhead_s)
+    assert f - cpu.op_overhead_s > roof  # the fit binds here, not the roofline
+    # a device without the fit (catalog) keeps the matmul roofline for a convolution
+    f2, b2 = node_time(flops, 1e5, 1e4, "fp32", _cpu(), "matmul", "conv")
+    assert f2 == pytest.approx(roof + _cpu().op_overhead_s)
+
+
 def test_optimizer_step_overhead():
     cpu = _cpu(optimizer_tensor_overhead_s={"adam": 2e-5, "sgd": 5e-6})
     assert optimizer_step_overhead(50, "adam", cpu) == pytest.approx(1e-3)
@@ -93,8 +108,10 @@ def test_optimizer_step_overhead():
 def test_profiler_kernel_and_optimizer_measurements_run():
     from autopar.cost_model.profiler import KERNELS, kernel_rates, optimizer_step_costs
     rates = kernel_rates(shape=(64, 256), reps=2, chain=2)
-    assert set(rates) == {f"{k}_{d}" for k in KERNELS for d in ("fwd", "bwd")}
-    assert all(v > 1e5 for v in rates.values()), rates
+    conv = {"conv_fwd", "conv_bwd", "conv_fwd_half", "conv_bwd_half"}
+    assert set(rates) == {f"{k}_{d}" for k in KERNELS for d in ("fwd", "bwd")} | conv
+    assert all(v > 1e5 for k, v in rates.items() if k not in conv), rates
+    assert rates["conv_fwd"] > 1e8 and rates["conv_bwd"] > 1e8 and rates["conv_fwd_half"] >= 1
     opt = optimizer_step_costs(total_numel=1 << 14, counts=(2, 32), rounds=2)
     assert set(opt["per_tensor_s"]) == {"adam", "sgd"} and all(v >= 0 for v in opt["per_tensor_s"].values())
     assert all(v > 0 for v in opt["elements_per_s"].values())

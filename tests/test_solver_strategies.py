@@ -57,6 +57,16 @@ def test_attention_head_parallel_only():
     assert sharded == {Shard(0), Shard(1)}  # batch or heads, never T or D
 
 
+def test_batch_norm_shards_channels_only():
+    # training-mode statistics are over batch and space: per-shard statistics would not give
+    # one device's numbers, so only the channel dim may shard
+    g, st, reg, name = _opts(nn.BatchNorm2d(4), torch.randn(8, 4, 6, 6), "norm")
+    opts = reg.options(g.nodes[name], st.contexts[name], 2)
+    assert {o.outputs[0] for o in opts} == {R, Shard(1)}
+    chan = next(o for o in opts if o.outputs[0] == Shard(1))
+    assert chan.inputs[0] == Shard(1) and all(p == Shard(0) for p in chan.params[:2])
+
+
 def test_reshape_map():
     assert reshape_map((2, 3, 8), (6, 8)) == {0: 0, 2: 1}  # flatten keeps a shard on the leading dim
     assert reshape_map((2, 3, 12), (2, 3, 4, 3)) == {0: 0, 1: 1, 2: 2}  # unflatten: onto the leading new dim
