@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 import zlib
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -135,8 +137,9 @@ def _local_slice(full: torch.Tensor, mesh, placements) -> torch.Tensor:
 # activation offload (saved-tensor hooks that understand DTensors)
 
 
-def _offload_hooks(device: torch.device):
-    """Keep saved activations on the host; on a CPU run the copies are no-ops (same tensor)."""
+def _offload_pack_unpack(device: torch.device):
+    """Saved-tensor hooks that keep saved activations on the host; on a CPU run the copies are
+    no-ops (same tensor)."""
     host = torch.device("cpu")
 
     def pack(t):
@@ -153,7 +156,72 @@ def _offload_hooks(device: torch.device):
         _, t, dev = packed
         return t.to(dev, non_blocking=True)
 
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+    return pack, unpack
+
+
+@dataclass(frozen=True)
+class _Regather:
+    """Kept for backward in place of a view of a gathered ZeRO-3 parameter: how to gather
+    it again and take the same view."""
+
+    fqn: str
+    size: tuple
+    stride: tuple
+    offset: int
+    dtensor: "tuple | None"  # (mesh, placements, shape, stride) of a DTensor view; None: plain
+
+
+class _ZeroThreeGathers:
+    """ZeRO-3 reshard after forward, as FSDP does it: a parameter gathered for an op is not
+    kept alive by that op's saved tensors until the backward; saved-tensor hooks keep a
+    :class:`_Regather` instead and gather the parameter again when the backward needs it.
+
+    Why: an op saves its weight for its backward (a matmul saves both operands), so without
+    this every gathered parameter of the forward stayed alive until its backward, and ZeRO-3
+    held the whole unsharded model at the end of the forward (it saved memory only with
+    recompute). The backward pays one more all-gather per parameter (FSDP's volume: gather,
+    gather, reduce-scatter).
+
+    Gathers are recognised by storage: :meth:`note` records the gathered local tensor's
+    storage, and a finalizer forgets it when that storage is freed (so a later tensor reusing
+    the address is not mistaken for it). Views of the parameter taken by other nodes (a
+    separate ``t()``) are recognised too, since they share the storage."""
+
+    def __init__(self, executor: "Executor") -> None:
+        self.ex = executor
+        self.live: dict[int, str] = {}  # storage data_ptr -> fqn
+
+    def note(self, fqn: str, full) -> None:
+        st = full._local_tensor.untyped_storage()
+        key = st.data_ptr()
+        self.live[key] = fqn
+        weakref.finalize(st, self.live.pop, key, None)
+
+    def hooks(self, inner: "tuple | None" = None):
+        """Saved-tensor hooks; ``inner`` (pack, unpack) handles every other saved tensor (the
+        activation-offload hooks of the segment), else they are kept as they are."""
+        live = self.live
+
+        def pack(t):
+            loc = t._local_tensor if isinstance(t, DTensor) else t
+            fqn = live.get(loc.untyped_storage().data_ptr()) if live and loc.layout == torch.strided else None
+            if fqn is None:
+                return inner[0](t) if inner else t
+            dt = (t.device_mesh, t.placements, t.shape, t.stride()) if isinstance(t, DTensor) else None
+            return _Regather(fqn, tuple(loc.size()), tuple(loc.stride()), loc.storage_offset(), dt)
+
+        def unpack(x):
+            if not isinstance(x, _Regather):
+                return inner[1](x) if inner else x
+            with torch.no_grad():
+                full = self.ex.gather_param(x.fqn)
+            loc = full._local_tensor.as_strided(x.size, x.stride, x.offset)
+            if x.dtensor is None:
+                return loc
+            mesh, pl, shape, stride = x.dtensor
+            return DTensor.from_local(loc, mesh, pl, run_check=False, shape=shape, stride=stride)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,6 +321,8 @@ class Executor:
         self.step_compute: dict[str, Any] = {}
         self.fallbacks: dict[str, str] = {}  # node -> why it ran on whole tensors
         self._segments = self._make_segments()
+        zero3 = any(lay.gather == "use" for f, lay in program.params.items() if f in params)
+        self._zero3 = _ZeroThreeGathers(self) if zero3 else None
         self._owner: dict[str, dict[str, str]] = {}  # call_module node -> {local param name: fqn}
         for s in self.steps:
             n = self.fx_nodes[s.node]
@@ -289,7 +359,13 @@ class Executor:
             return p
         if lay.gather == "step":
             return self.step_compute[fqn]
-        return p.redistribute(self.mesh, _dt(lay.compute))  # ZeRO-3: gather at use
+        full = self.gather_param(fqn)  # ZeRO-3: gather at use (the gather's backward reduce-scatters)
+        if self._zero3 is not None and torch.is_grad_enabled():
+            self._zero3.note(fqn, full)
+        return full
+
+    def gather_param(self, fqn: str):
+        return self.params[fqn].redistribute(self.mesh, _dt(self.program.params[fqn].compute))
 
     def begin_step(self) -> None:
         """ZeRO-1/2: gather this stage's parameters once (inside autograd: grads reduce-scatter)."""
@@ -303,7 +379,13 @@ class Executor:
     def run(self, env: dict) -> dict:
         """Run this stage's steps; ``env`` maps value names to values (updated and returned)."""
         for (block, recompute, offload), steps in self._segments:
-            ctx = _offload_hooks(self.rmesh.device) if offload else contextlib.nullcontext()
+            inner = _offload_pack_unpack(self.rmesh.device) if offload else None
+            if self._zero3 is not None and torch.is_grad_enabled():
+                ctx = self._zero3.hooks(inner)
+            elif inner is not None:
+                ctx = torch.autograd.graph.saved_tensors_hooks(*inner)
+            else:
+                ctx = contextlib.nullcontext()
             with ctx:
                 if recompute and torch.is_grad_enabled():
                     self._run_checkpointed(steps, env)

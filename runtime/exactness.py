@@ -203,6 +203,13 @@ def _run_case(case: str, name: str, kind: str, opts: dict, ckpt_root: str) -> di
             raise AssertionError("expected Partial (pending dp sum) grads before sync_grads; got none")
         for p in pm.local_params.values():
             p.grad = None
+    if opts.get("resharded") == "1":  # ZeRO-3: no gathered parameter outlives the forward
+        out = pm._forward_dt(inputs)
+        gathered = [ex._zero3 for ex in pm.executors.values() if ex._zero3 is not None]
+        alive = sorted({f for z in gathered for f in z.live.values()})
+        if not gathered or alive:
+            raise AssertionError(f"after the forward, gathered ZeRO-3 parameters alive: {alive or 'no ZeRO-3'}")
+        del out
     losses = []
     ref_steps = list(range(STEPS))
     if "load" in opts:  # resume a checkpoint another job (maybe another world size) saved

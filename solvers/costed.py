@@ -362,11 +362,14 @@ class StateCost:
     """One parameter node x strategy x state config: per stage holding it."""
 
     memory_bytes: float  # resident per device (scaled by the blocks on the stage)
-    working_bytes: float  # transient, once per stage (ZeRO-3 / offload gather buffers)
-    overlap_s: float  # per step, overlappable with compute (ZeRO-3 gathers, param streaming)
+    working_bytes: float  # kept per device once per node (gradient bucket slots)
+    overlap_s: float  # per step, overlappable with compute (param streaming)
     sync_s: float  # per step, gradient sync after the last backward
     step_s: float  # per step, optimizer step (device or host), not overlapped
     host_bytes: float  # kept in host memory per device
+    # alive only while this node runs (ZeRO-3 / host-streamed parameters gathered whole, and
+    # their whole gradient before the reduce-scatter): a stage holds the largest one at a time
+    gather_bytes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -728,7 +731,7 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
     (``stretch``: the skew factor applied to compute, here to the optimizer step)."""
     mesh = cand.mesh
     dp, m = cand.dp, cand.num_microbatches
-    memory = working = overlap = sync = step = host = 0.0
+    memory = working = overlap = sync = step = host = gather = 0.0
     inf = math.inf
     host_link = dev.host_link_bandwidth if dev.host_link != "none" else 0.0
     for p, pl in zip(info.params, s.params):
@@ -753,7 +756,11 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
             else:
                 memory += b
         if z >= 3 or "params" in c.offload:
-            working += 2 * full_p  # two layers gathered at a time (FSDP prefetch)
+            # the runtime gathers a ZeRO-3 parameter at its op and does not keep it for the
+            # backward (saved-tensor hooks gather it again there: reshard after forward), so
+            # only one node's parameters are whole at a time: in its backward, with their
+            # whole gradients until the reduce-scatter
+            gather += full_p + full_g
         # data-parallel communication, as the runtime (autopar.runtime.apply) issues it: ZeRO-0
         # gradients are all-reduced in buckets (a kept flat buffer per bucket of several);
         # ZeRO gathers and reduce-scatters are one collective per parameter (DTensor
@@ -771,9 +778,10 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
                 sync += collective_time("reduce_scatter", full_g, dp, dl)
                 overlap += (m - 1) * collective_time("reduce_scatter", full_g, dp, dl)
                 step += collective_time("all_gather", full_p, dp, dl)
-            else:  # ZeRO-3: gathered at use in the forward, reduce-scattered in the backward,
-                # every microbatch; the runtime waits for each gather before the op runs
-                step += m * (collective_time("all_gather", full_p, dp, dl)
+            else:  # ZeRO-3: gathered at use in the forward and again in the backward, then
+                # reduce-scattered, every microbatch (FSDP's volume); the runtime waits for
+                # each gather before the op runs
+                step += m * (2 * collective_time("all_gather", full_p, dp, dl)
                              + collective_time("reduce_scatter", full_g, dp, dl))
         # offload traffic over the host link
         if c.offload:
@@ -796,7 +804,7 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
             t_opt = optimizer_step_time(shard if z >= 1 else numel, 1, optimizer, dev)
             step += stretch * t_opt if t_opt is not None else (
                 (2 * (ob + pb) + gb) / (dev.memory_bandwidth * dev.memory_bw_efficiency))
-    return StateCost(memory, working, overlap, sync, step, host)
+    return StateCost(memory, working, overlap, sync, step, host, gather)
 
 
 def _stage_specs(cand: Candidate, stage_devices: Sequence[DeviceSpec], reserve: float,

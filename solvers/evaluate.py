@@ -9,11 +9,12 @@ activations of o_i blocks (per microbatch):
 
     base_i  = sum_u mult_i(u) c_u(s_u) + sum_e mult_i(e) c_e(s_src, s_dst) + r_i F(s)
     t_i     = max(base_i, o_i * 2 (A(s) - C(s)) / host_bw)          offload overlaps compute
-    mem_i   = sum_params mult_i * state_mem(s, cfg) + working
+    mem_i   = sum_params mult_i * state_mem(s, cfg) + working + max_params gather(s, cfg)
               + inflight_i * (sum_u mult_i(u) act_u(s) - (r_i + o_i)(A(s) - C(s)))  <= capacity
     host_i  = sum_params mult_i * state_host(s, cfg) + inflight_i o_i (A(s) - C(s)) <= host capacity
 
-with A the saved activations of one block, C its checkpoint (the block output), F its
+(gather: a ZeRO-3 or host-streamed parameter node's whole parameters and gradients, alive
+only while that node runs), with A the saved activations of one block, C its checkpoint (the block output), F its
 forward time; mult_i(u) = k_i for block units, 1 on the stage that holds a prefix/suffix
 unit. Per step:
 
@@ -118,7 +119,7 @@ def evaluate(cg: CostedGraph, d: Decision) -> Breakdown:
         hb = cg.host_bw.get(dev, 0.0)
         aoff = (o * 2 * (A - C) / hb) if (o and hb > 0) else 0.0
         t = max(base, aoff)
-        state_mem = working = overlap = sync = step = host = 0.0
+        state_mem = working = gather = overlap = sync = step = host = 0.0
         for n in cg.nodes:
             sync += stage_mult(cg, n.place, i) * n.tp_sync_s[idx[n.name]]
             if n.state is None:
@@ -130,13 +131,14 @@ def evaluate(cg: CostedGraph, d: Decision) -> Breakdown:
                 state_mem += k * sc.memory_bytes
                 host += k * sc.host_bytes
                 working += sc.working_bytes
+                gather = max(gather, sc.gather_bytes)
                 overlap += k * sc.overlap_s
                 sync += k * sc.sync_s
                 step += k * sc.step_s
         act = sum(stage_mult(cg, n.place, i) * n.act_bytes[idx[n.name]] for n in cg.nodes)
         act_total = st.inflight * (act - (r + o) * (A - C))
         host += st.inflight * o * (A - C)
-        memory = state_mem + working + act_total
+        memory = state_mem + working + gather + act_total
         e = cg.overlap_efficiency
         exp_a = max(0.0, overlap - e * m * t, (1.0 - e) * overlap)
         exp_g = max(0.0, sync - e * BACKWARD_SHARE * t, (1.0 - e) * sync)
@@ -144,7 +146,7 @@ def evaluate(cg: CostedGraph, d: Decision) -> Breakdown:
         t_list.append(t)
         mem_list.append(memory)
         host_list.append(host)
-        brk_list.append({"training_state": state_mem, "working": working, "activations": act_total})
+        brk_list.append({"training_state": state_mem, "working": working + gather, "activations": act_total})
         over.append(max(0.0, memory - st.capacity_bytes) + max(0.0, host - st.host_capacity_bytes))
         comp_list.append(compute + r * F)
         comm_list.append(comm)

@@ -17,7 +17,7 @@ Variables
     R[i,u,s], O[i,u,s]  = r_i x[u,s], o_i x[u,s]  (u in B), exact for one-hot x:
                          0 <= R[i,u,s] <= k_i x[u,s]  and  sum_s R[i,u,s] = r_i
                          (the x[u,s] = 0 terms vanish, so the remaining one equals r_i)
-    t_i, t_max, a_i, g_i, Q >= 0    continuous
+    t_i, t_max, a_i, g_i, w_i, Q >= 0    continuous
 
 Objective (seconds per step; see :mod:`.evaluate` for the same model in plain Python)
     min  m t_max + (sum_i t_i - t_max)/v + 2 (v p - 1) P(x) + Q
@@ -26,8 +26,9 @@ Constraints, one family per function below:
     time_i      t_i >= sum_u mult_i(u) c_u x + sum_e mult_i(e) c_e z + sum F_us R[i,u,s]
                 t_i >= sum 2 (A - C)_us O[i,u,s] / host_bw                  (_stage_time)
     t_max       t_max >= t_i                                             (_stage_time)
-    memory_i    sum mult y state_mem + working y + f_i (sum mult act x
+    memory_i    sum mult y state_mem + working y + w_i + f_i (sum mult act x
                   - sum (A - C)_us (R + O)[i,u,s]) <= M_i                   (_memory)
+                w_i >= gather_n y  for each parameter node n  (the largest transient gather)
     host_i      sum mult y state_host + f_i sum (A - C)_us O[i,u,s] <= H_i    (_memory)
     per-step    a_i >= overlap_i(y) - e m t_i;  g_i >= sync_i(x, y) - e beta t_i;
                 a_i >= (1 - e) overlap_i(y);  g_i >= (1 - e) sync_i(x, y)  (e: overlap efficiency)
@@ -312,6 +313,14 @@ def _memory(solver, cg: CostedGraph, x, y, R, O) -> None:
                     _add(terms, v, st.inflight * k * a / GIB)
             for kk, sc, v in _held_states(cg, y, n, i, dev):
                 _add(terms, v, (kk * sc.memory_bytes + sc.working_bytes) / GIB)
+        # the largest node's transient gather: w_i >= each node's chosen gather_bytes
+        gathers = [[(sc.gather_bytes, v) for _, sc, v in _held_states(cg, y, n, i, dev)] for n in cg.nodes]
+        gathers = [row for row in gathers if any(b > 0 for b, _ in row)]
+        if gathers:
+            w_i = solver.NumVar(0.0, solver.infinity(), f"gather[{i}]")
+            for row in gathers:
+                _constraint(solver, {w_i: 1.0, **{v: -b / GIB for b, v in row if b > 0}}, 0, solver.infinity())
+            _add(terms, w_i, 1.0)
         _, AC = _block_sums(cg, i)
         for prod in (R, O):
             for (j, u, s), v in prod.items():

@@ -17,12 +17,14 @@ from autopar.runtime.testing import run_workers
 
 CASES_2 = [
     "mlp:dp", "mlp:fsdp", "mlp:tp",
-    "gpt:dp:probe=1", "gpt:fsdp", "gpt:tp", "gpt_tied:tp", "gpt:dp:mb=2",
+    "gpt:dp:probe=1", "gpt:fsdp:resharded=1", "gpt:tp", "gpt_tied:tp", "gpt:dp:mb=2",
     # dp gradients in many small buckets (all-reduces launched from the backward), 2 microbatches
     "gpt:dp:bucket=20000,mb=2",
     "gpt:fsdp:zero=2",
     "gpt:pp:mb=2", "gpt:pp:schedule=1f1b,mb=4", "gpt:pp:v=2,mb=4",
     "gpt:dp:recompute=1", "gpt:tp:offload=1", "gpt:dp:opt=adam",
+    # ZeRO-3 regathers in the backward under the activation-offload and checkpoint hooks too
+    "gpt:fsdp:offload=1,resharded=1", "gpt:fsdp:recompute=1",
     "gpt:fsdp:ckpt=tp", "gpt:pp:mb=2,ckpt=dp", "gpt:dp:opt=adam,offload=1,ckpt=fsdp",
     "gpt:fsdp:opt=adam,save=ws2",
     "gpt:fsdp:meta=1", "gpt_tied:tp:meta=1",
@@ -33,12 +35,12 @@ CASES_2 = [
     "llama:dp", "llama:tp", "llama:pp:mb=2", "bert:dp:loss=global", "bert:tp", "vit:dp", "vit:tp",
     "resnet:dp", "dlrm:tp", "moe:dp", "moe:tp",
     # Hugging Face GPT-2 / LLaMA small configs (captured with torch.export)
-    "hf_gpt2:dp", "hf_gpt2:tp", "hf_llama:fsdp", "hf_llama:tp",
+    "hf_gpt2:dp", "hf_gpt2:tp", "hf_llama:fsdp:resharded=1", "hf_llama:tp",
     # the solver's own plan for local:2
     "gpt:solver", "mlp:solver", "llama:solver",
 ]
 CASES_4 = [
-    "gpt:dp", "gpt:fsdp", "gpt:tp", "gpt:dp_tp",
+    "gpt:dp", "gpt:fsdp:resharded=1", "gpt:tp", "gpt:dp_tp",
     "gpt:pp:mb=4", "gpt:pp:schedule=1f1b,mb=4",
     "gpt:pp_dp:mb=2", "gpt:pp_dp:schedule=1f1b,mb=2", "gpt:pp_tp:mb=2",
     "gpt:dp_tp:recompute=1,offload=1",

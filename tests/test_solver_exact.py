@@ -277,3 +277,31 @@ def test_output_in_another_placement_pays_the_reshard_to_the_loss():
         dev = next(iter(head.compute_s))
         cost[last] = head.compute_s[dev][k]
     assert cost[True] > cost[False] * 1.01
+
+
+def test_zero3_holds_one_nodes_gathered_parameters_at_a_time():
+    """ZeRO-3 keeps 1/dp of each parameter, plus whole only the parameters (and gradients)
+    of the node running (the runtime regathers in the backward instead of keeping them): it
+    fits where ZeRO-2 does not, and the MIP's max over nodes matches the enumeration."""
+    torch.manual_seed(0)
+    model = Stack(d=512, layers=4, out=512)
+    x = torch.randn(16, 512)
+    cand = Candidate(1, 4, 1, 1, "none", 1, (4,))
+    allowed = frozenset({"dp", "zero"})
+    roomy = costed(model, x, cluster(4, 80), cand, allowed=allowed)
+    _, dec = backend.run(formulation.build(roomy, "CBC"), roomy, SolverOptions())
+    idx = {(c.zero_stage, c.offload): k for k, c in enumerate(roomy.configs)}
+    def with_zero(z):
+        return evaluate(roomy, Decision(dec.strategy, {"block": idx[z, ()], "outside": idx[z, ()]},
+                                        dec.recompute, dec.offload_act))
+    z2, z3 = with_zero(2), with_zero(3)
+    one_node = (512 * 512 + 512) * 4 * 2  # the largest linear's fp32 weight + bias, and their grads
+    assert z3.memory_breakdown[0]["working"] == pytest.approx(one_node)
+    assert z3.memory_bytes[0] < z2.memory_bytes[0]
+    # room for ZeRO-3 but not for ZeRO-2: the enumeration and the MIP both pick ZeRO-3
+    gib = (z3.memory_bytes[0] + z2.memory_bytes[0]) / 2 / 0.9 / 2**30
+    cg = costed(model, x, cluster(4, gib), cand, allowed=allowed)
+    want = brute_force(cg)
+    assert math.isfinite(want) and ilp(cg) == pytest.approx(want, rel=1e-6)
+    _, tight = backend.run(formulation.build(cg, "CBC"), cg, SolverOptions())
+    assert cg.configs[tight.config["block"]].zero_stage == 3
