@@ -481,21 +481,25 @@ def runtime_node_overhead(world: int, chain: tuple[int, int] = (4, 24), reps: in
     target = torch.randn(4 * world, 8)
     loss_fn = lambda out, t: ((out - t) ** 2).mean()  # noqa: E731
     factory = lambda ps: torch.optim.SGD(ps, lr=1e-3)  # noqa: E731
-    times, nodes = {}, {}
+    models, nodes = {}, {}
     for k in chain:
         g = capture(_chain_model(k), (x,))
-        pm = apply_plan(g, make_plan(g, "dp", world))
+        models[k] = apply_plan(g, make_plan(g, "dp", world))
+        nodes[k] = len(g.nodes)
         for _ in range(2):
-            pm.train_step(x, target, loss_fn, factory)
-        per_round = []
-        for _ in range(rounds):
+            models[k].train_step(x, target, loss_fn, factory)
+    # the two chains' rounds alternate, so a host that slows down or speeds up during the
+    # measurement moves both and not the slope (one chain after the other gave 161-265 us per
+    # node at 4 ranks on the 2-core VM in three profiles of one afternoon)
+    per_round: dict[int, list[float]] = {k: [] for k in chain}
+    for _ in range(rounds):
+        for k in chain:
             barrier()
             start = time.perf_counter()
             for _ in range(reps):
-                pm.train_step(x, target, loss_fn, factory)
-            per_round.append((time.perf_counter() - start) / reps)
-        times[k] = statistics.fmean(per_round) if shared else min(per_round)
-        nodes[k] = len(g.nodes)
+                models[k].train_step(x, target, loss_fn, factory)
+            per_round[k].append((time.perf_counter() - start) / reps)
+    times = {k: statistics.fmean(v) if shared else min(v) for k, v in per_round.items()}
     short, long = chain
     return max(0.0, (times[long] - times[short]) / (nodes[long] - nodes[short]))
 

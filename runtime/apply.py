@@ -59,6 +59,7 @@ from autopar.graph import Graph, capture
 from autopar.placements import Replicate as _Rep
 from autopar.placements import to_dtensor_placement
 from autopar.plan import Plan
+from autopar.runtime import sync_batch_norm as sync_bn
 from autopar.runtime.mesh import RankMesh, build_mesh
 from autopar.runtime.steps import NodeStep, Program, RuntimeRefusal, plan_steps
 
@@ -437,7 +438,11 @@ class Executor:
             if n.op == "call_module":
                 sub = self.gm.get_submodule(n.target)
                 names = self._owner.get(s.node, {})
-                if any(self.program.params[f].gather != "none" for f in names.values() if f in self.program.params):
+                if args and sync_bn.applies(sub, args[0]):  # batch-sharded batch norm: statistic sums only
+                    vals = {pn: self.param_value(f, s) if f in self.params else getattr(sub, pn)
+                            for pn, f in names.items()}
+                    out = sync_bn.sync_batch_norm(sub, args[0], vals.get("weight"), vals.get("bias"))
+                elif any(self.program.params[f].gather != "none" for f in names.values() if f in self.program.params):
                     vals = {pn: self.param_value(f, s) for pn, f in names.items() if f in self.params}
                     out = torch.func.functional_call(sub, vals, tuple(args), kwargs, strict=False)
                 else:
@@ -1052,6 +1057,14 @@ def apply_plan(graph_or_module: Graph | nn.Module, plan: Plan, *, example_inputs
         raise RuntimeRefusal(f"plan was made for graph fingerprint {plan.model.fingerprint}, this model's "
                              f"is {fp} (different model, shapes or batch): re-plan it")
     program = plan_steps(graph, plan)
+    if plan.pipeline.num_microbatches > 1:
+        bn = sync_bn.training_batch_norms(graph.gm)
+        if bn:
+            raise RuntimeRefusal(
+                f"batch norm {bn[0]!r}{' (and ' + str(len(bn) - 1) + ' more)' if len(bn) > 1 else ''} normalises "
+                f"with the statistics of the batch it sees; with {plan.pipeline.num_microbatches} microbatches "
+                f"each sees 1/{plan.pipeline.num_microbatches} of it, which is not one device's result: re-plan "
+                f"with num_microbatches=1 (no pipeline), or put the model in eval() mode")
     rmesh = build_mesh(plan.mesh, device)
     if rmesh.device.type != "cpu":
         held = [p.name for p in plan.params if "params" in p.offload]

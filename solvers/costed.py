@@ -93,6 +93,14 @@ class GraphStructure:
     #: reshard into them has no backward collective
     needs_grad: dict[str, bool] = field(default_factory=dict)
 
+    @property
+    def batch_statistics(self) -> tuple[str, ...]:
+        """Batch-norm nodes: in training their statistics are over the whole batch, so a plan
+        that splits the batch into microbatches cannot give one device's numbers."""
+        return tuple(n for n, c in self.contexts.items()
+                     if self.graph.nodes[n].kind is OpKind.NORM
+                     and ("batchnorm" in c.module_type.lower() or "batch_norm" in self.graph.nodes[n].target))
+
     def has_grad(self, node: str, spec: TensorSpec) -> bool:
         return spec.dtype.startswith(("float", "bfloat")) and self.needs_grad.get(node, True)
 
@@ -558,6 +566,9 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
             nbytes = spec.numel * _elem_bytes(spec, precision) / (m if batched else 1)
             want_grad = out_want if struct.has_grad(u, spec) else None
             out_cost = [_edge_cost(nbytes, st.outputs[0], out_want, want_grad, mesh, links) for st in ss]
+        if "batchnorm" in struct.contexts[u].module_type.lower():
+            out_cost = [c + _sync_batch_norm_s(struct.contexts[u], st, mesh, links, precision)
+                        for c, st in zip(out_cost, ss)]
         for dname, dev in devices.items():
             c_list, f_list = [], []
             for k, s in enumerate(ss):
@@ -712,6 +723,24 @@ def _param_edge(spec: TensorSpec, src: tuple, dst: tuple, mesh, links, precision
     t, _ = reshard_cost_multi(dict(zip(("dp", "tp"), src)), dict(zip(("dp", "tp"), dst)), nbytes, sub, links)
     tb, _ = reshard_cost_multi(dict(zip(("dp", "tp"), dst)), dict(zip(("dp", "tp"), src)), nbytes, sub, links)
     return t + tb
+
+
+def _sync_batch_norm_s(ctx: OpContext, st: Strategy, mesh: Mapping[str, int], links, precision: str) -> float:
+    """Per microbatch: a BatchNorm module whose batch is sharded all-reduces its per-channel
+    statistic sums over the sharding axes (autopar.runtime.sync_batch_norm): the sum and the
+    centred sum of squares in the forward, ``sum dy`` and ``sum dy * x_hat`` in the backward."""
+    spec = ctx.input_specs[0] if ctx.input_specs else None
+    if spec is None or len(spec.shape) < 2 or not st.inputs:
+        return 0.0
+    pl = st.inputs[0]
+    channels = spec.shape[1] / (mesh["tp"] if pl[1] == Shard(1) else 1)
+    nbytes = channels * 4  # the sums are taken in fp32
+    t = 0.0
+    for axis, q in zip(("dp", "tp"), pl):
+        if isinstance(q, Shard) and q.dim == 0 and mesh[axis] > 1:
+            t += 2 * collective_time("all_reduce", nbytes, mesh[axis], links[axis])
+            t += collective_time("all_reduce", 2 * nbytes, mesh[axis], links[axis])
+    return t
 
 
 def zero3_ok(spec: TensorSpec, pl: tuple, mesh: Mapping[str, int]) -> bool:

@@ -123,6 +123,10 @@ def search(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluster,
                      "mesh x microbatch count; loss-free)")
     shortcuts.append("GPipe not tried unless pinned: same time as 1F1B, more activation memory (loss-free)")
 
+    bn = struct.batch_statistics
+    if bn:
+        shortcuts.append(f"one microbatch: batch norm ({bn[0]}{' and others' if len(bn) > 1 else ''}) "
+                         "normalises with whole-batch statistics, so no pipeline (it needs microbatches)")
     cands: list[tuple[float, Candidate, list[DeviceSpec]]] = []
     work: dict = {}
     partial_partitions = False
@@ -138,6 +142,8 @@ def search(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluster,
         ms = _divisors(B // dp)
         if pp > 1:  # torch.distributed.pipelining's schedules (the runtime's) need m >= pp
             ms = [m for m in ms if m >= pp]
+        if bn:  # each microbatch would normalise with its own rows: one microbatch only
+            ms = [m for m in ms if m == 1]
         if "num_microbatches" in constraints:
             ms = [m for m in ms if m == constraints["num_microbatches"]]
         if "microbatch_size" in constraints:

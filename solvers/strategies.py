@@ -293,12 +293,16 @@ def attention_rule(node: NodeInfo, ctx: OpContext, degree: int) -> list[AxisOpti
 
 def _reduce_dims_norm(node: NodeInfo, ctx: OpContext, ndim: int) -> set[int]:
     target = node.target.lower()
-    if "batch" in target or "batchnorm" in ctx.module_type.lower():
-        # training-mode statistics are per channel over batch and space: only channels shard.
-        # Statistics per data-parallel shard (what DDP without SyncBatchNorm computes) would not
-        # give one device's numbers, and the runtime's DTensor batch_norm all-gathers a
-        # batch-sharded input anyway (41 all-gathers per step in a small ResNet at dp=2), so
-        # the plan states that reshard and the cost model prices it
+    if "batchnorm" in ctx.module_type.lower():
+        # a BatchNorm module: the batch may shard, the runtime all-reduces the per-channel
+        # statistic sums (runtime/sync_batch_norm.py: one device's numbers, C floats a
+        # collective); space may not
+        return {d for d in range(ndim) if d not in (0, 1)}
+    if "batch" in target:
+        # functional batch_norm: statistics are per channel over batch and space, so only
+        # channels shard. Per-shard statistics (DDP without SyncBatchNorm) would not give one
+        # device's numbers, and DTensor's batch_norm all-gathers a batch-sharded input anyway
+        # (41 all-gathers per step in a small ResNet at dp=2), so the plan states that reshard
         return {d for d in range(ndim) if d != 1}
     if "group" in target or "groupnorm" in ctx.module_type.lower():
         return set(range(1, ndim))

@@ -98,6 +98,24 @@ def test_slow_network_picks_a_pipeline():
     assert p.pipeline.num_microbatches > 1
 
 
+def test_batch_norm_plans_one_microbatch_and_shards_its_batch():
+    """The slow network that pipelines a GPT does not pipeline a ResNet: its batch norms need
+    the whole batch's statistics (no microbatches), and their batch-sharded statistics are
+    all-reduced (sync batch norm), which the plan prices instead of gathering activations."""
+    from autopar.models import resnet
+
+    model, x = resnet.build("tiny", batch_size=16)
+    g = capture(model, x)
+    p = solve(g, cluster(2, 1, 80, inter=catalog.ethernet_100g()))
+    assert p.mesh["pp"] == 1 and p.pipeline.num_microbatches == 1
+    assert any("batch norm" in s for s in p.solver.shortcuts)
+    with pytest.raises(InfeasibleError):
+        solve(g, cluster(2, 1, 80), constraints={"num_microbatches": 2})
+    dp = solve(g, cluster(2, 1, 80), constraints={"dp": 2})
+    norms = [ns for ns in dp.nodes if g.nodes[ns.node].kind is OpKind.NORM]
+    assert norms and all(ns.outputs[0][0] == Shard(0) for ns in norms)
+
+
 def test_heterogeneous_faster_group_gets_more_blocks(gpt_small_graph):
     p = solve(gpt_small_graph, "h100x8+a100x8", precision="bf16-mixed",
               constraints={"pp": 2, "tp": 8, "schedule": "1f1b"})

@@ -57,14 +57,19 @@ def test_attention_head_parallel_only():
     assert sharded == {Shard(0), Shard(1)}  # batch or heads, never T or D
 
 
-def test_batch_norm_shards_channels_only():
-    # training-mode statistics are over batch and space: per-shard statistics would not give
-    # one device's numbers, so only the channel dim may shard
-    g, st, reg, name = _opts(nn.BatchNorm2d(4), torch.randn(8, 4, 6, 6), "norm")
+def test_batch_norm_shards_batch_only_where_the_runtime_syncs_statistics():
+    # a BatchNorm module: the batch may shard (the runtime all-reduces the per-channel sums,
+    # runtime/sync_batch_norm.py); space never (statistics are over batch and space)
+    g, st, reg, name = _opts(nn.Sequential(nn.BatchNorm2d(4)), torch.randn(8, 4, 6, 6), "norm")
+    assert st.contexts[name].module_type == "BatchNorm2d"
     opts = reg.options(g.nodes[name], st.contexts[name], 2)
-    assert {o.outputs[0] for o in opts} == {R, Shard(1)}
+    assert {o.outputs[0] for o in opts} == {R, Shard(0), Shard(1)}
     chan = next(o for o in opts if o.outputs[0] == Shard(1))
     assert chan.inputs[0] == Shard(1) and all(p == Shard(0) for p in chan.params[:2])
+    # the functional op (here from torch.export): one device's statistics need the whole batch
+    g, st, reg, name = _opts(nn.BatchNorm2d(4), torch.randn(8, 4, 6, 6), "norm")
+    assert "batch_norm" in g.nodes[name].target
+    assert {o.outputs[0] for o in reg.options(g.nodes[name], st.contexts[name], 2)} == {R, Shard(1)}
 
 
 def test_reshape_map():
