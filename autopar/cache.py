@@ -7,7 +7,9 @@ SHA-256 of the canonical JSON of everything the solver's answer depends on:
 - the graph fingerprint (program, parameter shapes, example input shapes),
 - the cluster JSON (devices, links, and for ``local:N`` the measured profile),
 - the settings: precision, optimizer, constraints, solver options,
-- the autopar version (a new cost model or solver must not reuse old plans).
+- the autopar version and a digest of the planner's source (graph capture, cost model,
+  solver, plan format): a new cost model or solver must not reuse old plans, and in a
+  development checkout the version alone does not change with the code.
 
 Writes go through :meth:`Plan.save` (temporary file + ``os.replace``), so a reader sees the
 old file, the new file or none, never half of one; two processes writing the same key write
@@ -57,10 +59,38 @@ def _jsonable(v: Any) -> Any:
     return repr(v)
 
 
+_PLANNER_DIGEST: str | None = None
+
+
+def planner_digest() -> str:
+    """SHA-256 (16 hex chars) of the source files whose change can change a plan: graph
+    capture, the cost model, the solvers and the plan format. Computed once per process."""
+    global _PLANNER_DIGEST
+    if _PLANNER_DIGEST is None:
+        import autopar
+        import autopar.cost_model
+        import autopar.graph
+        import autopar.plan
+        import autopar.solvers
+
+        files = [Path(autopar.graph.__file__), Path(autopar.plan.__file__)]
+        for pkg in (autopar.cost_model, autopar.solvers):
+            for d in pkg.__path__:
+                files += sorted(Path(d).glob("*.py"))
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        _PLANNER_DIGEST = h.hexdigest()[:16]
+    return _PLANNER_DIGEST
+
+
 def plan_key(fingerprint: str, cluster_json: Mapping, settings: Mapping, version: str | None = None) -> str:
-    """The cache key: SHA-256 (hex, 32 chars) of graph, cluster, settings and autopar version."""
+    """The cache key: SHA-256 (hex, 32 chars) of graph, cluster, settings and autopar version
+    (by default ``__version__`` plus :func:`planner_digest`)."""
     if version is None:
-        from autopar import __version__ as version  # type: ignore[no-redef]
+        from autopar import __version__
+        version = f"{__version__}+{planner_digest()}"
     blob = json.dumps({"graph": fingerprint, "cluster": _jsonable(cluster_json),
                        "settings": _jsonable(settings), "autopar": version},
                       sort_keys=True, separators=(",", ":"))

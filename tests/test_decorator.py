@@ -38,6 +38,13 @@ def test_plan_key_depends_on_each_part():
     assert k != plan_key("abc", {**c, "name": "h100x16"}, s, "1")
     assert k != plan_key("abc", c, {**s, "constraints": {"tp": 4}}, "1")
     assert k != plan_key("abc", c, s, "2")
+    # by default the version carries a digest of the planner's source: code that plans
+    # differently does not reuse a plan cached by the old code
+    from autopar import __version__
+    from autopar.cache import planner_digest
+    assert len(planner_digest()) == 16 and planner_digest() == planner_digest()
+    assert plan_key("abc", c, s) == plan_key("abc", c, s, f"{__version__}+{planner_digest()}")
+    assert plan_key("abc", c, s) != plan_key("abc", c, s, __version__)
 
 
 def test_cache_roundtrip_and_second_start_skips_solve(tmp_path):
