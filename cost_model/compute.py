@@ -28,6 +28,8 @@ the roofline above.
 """
 from __future__ import annotations
 
+import math
+
 from .device import DeviceSpec, normalize_dtype
 
 OP_KINDS: tuple[str, ...] = ("matmul", "elementwise", "reduction", "other")
@@ -156,6 +158,13 @@ def node_time(flops: float, bytes_moved: float, elements: float, dtype, device: 
     return fwd, bwd
 
 
+#: Tensor sizes (elements) the profiler times the optimizer on: its default 2^21 elements over
+#: 8 tensors (``optimizer_rates[OPT]``) and 2 tensors of 2^22 (``optimizer_rates[OPT_large]``,
+#: streaming from memory; :data:`autopar.cost_model.profiler.LARGE_OPT_TENSOR`).
+OPT_SMALL_TENSOR = (1 << 21) // 8
+OPT_LARGE_TENSOR = 1 << 22
+
+
 def _opt_key(optimizer: str, table) -> str:
     o = str(optimizer).lower()
     return "adam" if o == "adamw" and "adamw" not in table else o  # AdamW runs Adam's kernels
@@ -174,7 +183,14 @@ def optimizer_step_time(numel: float, num_tensors: int, optimizer: str, device: 
     (this device's shard) from the profiler's measurements: per-element rate plus per-tensor
     cost. None where the device has no measured rate for this optimizer (catalog devices:
     price the step on the memory roofline as before)."""
-    rate = device.optimizer_rates.get(_opt_key(optimizer, device.optimizer_rates))
+    key = _opt_key(optimizer, device.optimizer_rates)
+    rate = device.optimizer_rates.get(key)
     if not rate:
         return None
+    large = device.optimizer_rates.get(f"{key}_large")
+    per = numel / max(1, num_tensors)
+    if large and per > OPT_SMALL_TENSOR:
+        # between the two measured tensor sizes, the rate moves with log(size); beyond, large
+        f = min(1.0, math.log(per / OPT_SMALL_TENSOR) / math.log(OPT_LARGE_TENSOR / OPT_SMALL_TENSOR))
+        rate = rate * (large / rate) ** f
     return numel / rate + optimizer_step_overhead(num_tensors, optimizer, device)

@@ -111,7 +111,8 @@ class DeviceSpec:
       optimizer_tensor_overhead_s: optimizer -> seconds per parameter tensor per step of a
         single-tensor (for-loop) optimizer (keys ``adam``, ``sgd``); empty = not measured.
       optimizer_rates: optimizer -> measured parameter elements/s of its step's arithmetic
-        (same keys; :func:`autopar.cost_model.compute.optimizer_step_time`).
+        (same keys) on cache-sized tensors, and ``OPT_large`` on tensors that stream from
+        memory (:func:`autopar.cost_model.compute.optimizer_step_time` interpolates).
       first_touch_bandwidth: B/s at which freshly mapped memory is first written (page faults
         alone), charged on the bytes each node allocates; 0 = not measured / not charged.
     """

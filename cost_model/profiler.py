@@ -368,6 +368,12 @@ def _conv_rates(device: str, per_call: Callable) -> dict[str, float]:
     return out
 
 
+#: elements of the large tensors an optimizer step is also timed on (16 MiB in fp32, four times
+#: the 2-core VM's L2): Adam ran at 326 M elements/s over 5 MiB embedding tables there and at
+#: 893 M over 1 MiB tensors; ``autopar.cost_model.compute.optimizer_step_time`` interpolates.
+LARGE_OPT_TENSOR = 1 << 22
+
+
 def optimizer_step_costs(total_numel: int = 1 << 21, counts: tuple[int, int] = (8, 128), rounds: int = 5,
                          shared: bool = False) -> dict[str, dict[str, float]]:
     """What one single-tensor (for-loop) optimizer step costs on CPU, for ``adam`` and ``sgd``
@@ -400,6 +406,19 @@ def optimizer_step_costs(total_numel: int = 1 << 21, counts: tuple[int, int] = (
         per_tensor[opt_name] = max(0.0, (t[hi] - t[lo]) / (hi - lo))
         work = max(t[lo] - lo * per_tensor[opt_name], 0.5 * t[lo])  # noise cannot leave < half the step
         rate[opt_name] = total_numel / work
+        # tensors far larger than the caches stream from memory: two of LARGE_OPT_TENSOR
+        ps = [torch.nn.Parameter(torch.randn(LARGE_OPT_TENSOR)) for _ in range(2)]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt = make(ps)
+        opt.step()
+        samples = []
+        for _ in range(max(2, rounds // 2)):
+            start = time.perf_counter()
+            opt.step()
+            samples.append(time.perf_counter() - start)
+        big = max(statistics.fmean(samples) - 2 * per_tensor[opt_name], 1e-9)
+        rate[f"{opt_name}_large"] = 2 * LARGE_OPT_TENSOR / big
     return {"per_tensor_s": per_tensor, "elements_per_s": rate}
 
 

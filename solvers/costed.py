@@ -738,8 +738,9 @@ def _sync_batch_norm_s(ctx: OpContext, st: Strategy, mesh: Mapping[str, int], li
     t = 0.0
     for axis, q in zip(("dp", "tp"), pl):
         if isinstance(q, Shard) and q.dim == 0 and mesh[axis] > 1:
-            t += 2 * collective_time("all_reduce", nbytes, mesh[axis], links[axis])
-            t += collective_time("all_reduce", 2 * nbytes, mesh[axis], links[axis])
+            link = links[axis]  # bare collectives: no DTensor redistribute overhead (sync_s)
+            t += 2 * (collective_time("all_reduce", nbytes, mesh[axis], link) - link.sync_s)
+            t += collective_time("all_reduce", 2 * nbytes, mesh[axis], link) - link.sync_s
     return t
 
 

@@ -113,6 +113,7 @@ def test_profiler_kernel_and_optimizer_measurements_run():
     assert all(v > 1e5 for k, v in rates.items() if k not in conv), rates
     assert rates["conv_fwd"] > 1e8 and rates["conv_bwd"] > 1e8 and rates["conv_fwd_half"] >= 1
     opt = optimizer_step_costs(total_numel=1 << 14, counts=(2, 32), rounds=2)
+    assert set(opt["elements_per_s"]) == {"adam", "sgd", "adam_large", "sgd_large"}
     assert set(opt["per_tensor_s"]) == {"adam", "sgd"} and all(v >= 0 for v in opt["per_tensor_s"].values())
     assert all(v > 0 for v in opt["elements_per_s"].values())
 
@@ -134,6 +135,17 @@ def test_optimizer_step_time_from_measured_rates():
     assert optimizer_step_time(4e6, 50, "adam", get_device("h100-sxm")) is None
     with pytest.raises(ValueError, match="optimizer_rates"):
         _cpu(optimizer_rates={"adam": 0.0})
+
+
+def test_optimizer_rate_falls_to_the_streaming_rate_for_large_tensors():
+    from autopar.cost_model.compute import OPT_LARGE_TENSOR, OPT_SMALL_TENSOR, optimizer_step_time
+    cpu = _cpu(optimizer_rates={"adam": 9e8, "adam_large": 3e8})
+    small, large = OPT_SMALL_TENSOR, OPT_LARGE_TENSOR
+    assert optimizer_step_time(4 * small, 4, "adam", cpu) == pytest.approx(4 * small / 9e8)  # cache-sized
+    assert optimizer_step_time(2 * large, 2, "adam", cpu) == pytest.approx(2 * large / 3e8)  # streaming
+    assert optimizer_step_time(8 * large, 2, "adam", cpu) == pytest.approx(8 * large / 3e8)  # beyond: large
+    mid = (small * large) ** 0.5  # halfway in log(size): the geometric mean of the rates
+    assert optimizer_step_time(mid, 1, "adam", cpu) == pytest.approx(mid / (9e8 * 3e8) ** 0.5)
 
 
 def test_node_time_charges_fresh_memory_at_first_touch_rate():
