@@ -910,6 +910,9 @@ def _free_port() -> int:
 
 # --------------------------------------------------------------------------- specs
 
+_DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
+
+
 def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_bytes: int,
                          bandwidth: float, overhead: float, host_link: str, host_bw: float,
                          host_mem: int, cores: int, prov: Provenance, *, node_overhead: float = 0.0,
@@ -917,6 +920,9 @@ def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_
                          first_touch: float = 0.0) -> DeviceSpec:
     peak, half, eff = {}, {}, {}
     for d, rows in samples.items():
+        if kind == "cpu":  # the operand streaming is priced apart on a CPU (compute.op_time)
+            size = _DTYPE_BYTES.get(d, 4)
+            rows = [(f, max(0.5 * t, t - 3 * (f / 2) ** (2 / 3) * size / bandwidth)) for f, t in rows]
         t0, rate = fit_overhead_rate(rows)
         peak[d], half[d], eff[d] = rate, t0 * rate, 1.0
     # tf32 is fp32 on CPUs; dtypes not measured fall back to fp32 (stated in provenance notes)
