@@ -206,10 +206,7 @@ def run_case_on_rank(case: dict, steps: int, warmup: int) -> dict:
     plan = Plan.from_json(case["plan_json"])
     pm = apply_plan(graph, plan)
     opt = lambda ps: torch.optim.Adam(ps, lr=1e-4)  # noqa: E731
-    local = 0
-    for p in pm.local_params.values():
-        t = getattr(p, "_local_tensor", p)
-        local += t.numel() * t.element_size()
+    local = pm.local_param_bytes()
     gc.collect()
     reset_ok = _reset_peak_rss()
     base = _proc_status("VmRSS")
@@ -217,10 +214,10 @@ def run_case_on_rank(case: dict, steps: int, warmup: int) -> dict:
     # the warm-up steps (the first creates the optimizer state, the next is a steady step) are
     # untimed and run under the live-tensor probe; the timed steps run without it
     with LiveTensorBytes() as probe:
-        for i in range(warmup):
+        for _ in range(warmup):
             dist.barrier()
             pm.train_step(inputs, targets, loss_fn, opt)
-    for i in range(steps):
+    for _ in range(steps):
         dist.barrier()
         t0 = time.perf_counter()
         pm.train_step(inputs, targets, loss_fn, opt)

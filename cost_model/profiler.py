@@ -374,6 +374,18 @@ def _conv_rates(device: str, per_call: Callable) -> dict[str, float]:
 LARGE_OPT_TENSOR = 1 << 22
 
 
+def _mean_step_s(opt, rounds: int) -> float:
+    """Mean seconds of ``rounds`` optimizer steps after one warm-up step (the mean: a training
+    step pays the slow ones too)."""
+    opt.step()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        opt.step()
+        samples.append(time.perf_counter() - start)
+    return statistics.fmean(samples)
+
+
 def optimizer_step_costs(total_numel: int = 1 << 21, counts: tuple[int, int] = (8, 128), rounds: int = 5,
                          shared: bool = False) -> dict[str, dict[str, float]]:
     """What one single-tensor (for-loop) optimizer step costs on CPU, for ``adam`` and ``sgd``
@@ -394,14 +406,7 @@ def optimizer_step_costs(total_numel: int = 1 << 21, counts: tuple[int, int] = (
             ps = [torch.nn.Parameter(torch.randn(max(1, total_numel // n))) for _ in range(n)]
             for p in ps:
                 p.grad = torch.randn_like(p)
-            opt = make(ps)
-            opt.step()
-            samples = []
-            for _ in range(rounds):
-                start = time.perf_counter()
-                opt.step()
-                samples.append(time.perf_counter() - start)
-            t[n] = statistics.fmean(samples)  # the mean: a step pays the slow ones too
+            t[n] = _mean_step_s(make(ps), rounds)
         lo, hi = counts
         per_tensor[opt_name] = max(0.0, (t[hi] - t[lo]) / (hi - lo))
         work = max(t[lo] - lo * per_tensor[opt_name], 0.5 * t[lo])  # noise cannot leave < half the step
@@ -410,14 +415,7 @@ def optimizer_step_costs(total_numel: int = 1 << 21, counts: tuple[int, int] = (
         ps = [torch.nn.Parameter(torch.randn(LARGE_OPT_TENSOR)) for _ in range(2)]
         for p in ps:
             p.grad = torch.randn_like(p)
-        opt = make(ps)
-        opt.step()
-        samples = []
-        for _ in range(max(2, rounds // 2)):
-            start = time.perf_counter()
-            opt.step()
-            samples.append(time.perf_counter() - start)
-        big = max(statistics.fmean(samples) - 2 * per_tensor[opt_name], 1e-9)
+        big = max(_mean_step_s(make(ps), max(2, rounds // 2)) - 2 * per_tensor[opt_name], 1e-9)
         rate[f"{opt_name}_large"] = 2 * LARGE_OPT_TENSOR / big
     return {"per_tensor_s": per_tensor, "elements_per_s": rate}
 
@@ -910,9 +908,6 @@ def _free_port() -> int:
 
 # --------------------------------------------------------------------------- specs
 
-_DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
-
-
 def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_bytes: int,
                          bandwidth: float, overhead: float, host_link: str, host_bw: float,
                          host_mem: int, cores: int, prov: Provenance, *, node_overhead: float = 0.0,
@@ -921,7 +916,7 @@ def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_
     peak, half, eff = {}, {}, {}
     for d, rows in samples.items():
         if kind == "cpu":  # the operand streaming is priced apart on a CPU (compute.op_time)
-            size = _DTYPE_BYTES.get(d, 4)
+            size = _torch_dtype(d).itemsize
             rows = [(f, max(0.5 * t, t - 3 * (f / 2) ** (2 / 3) * size / bandwidth)) for f, t in rows]
         t0, rate = fit_overhead_rate(rows)
         peak[d], half[d], eff[d] = rate, t0 * rate, 1.0
@@ -940,8 +935,8 @@ def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_
                       first_touch_bandwidth=first_touch)
 
 
-_KERNEL_NOTE = ("kernel_rates: fp32 elements/s on a 512x1024 tensor, conv_fwd / conv_bwd in FLOP/s of a "
-                "3x3 conv2d (kernel_rates()), used for every dtype; optimizer_tensor_overhead_s / optimizer_rates: single-tensor optimizer step, slope over "
+_KERNEL_NOTE = ("kernel_rates: fp32 elements/s on a 512x1024 tensor, conv_fwd / conv_bwd: FLOP/s "
+                "and half-rate FLOPs of conv2d fitted over CONV_SHAPES (kernel_rates()), used for every dtype; optimizer_tensor_overhead_s / optimizer_rates: single-tensor optimizer step, slope over "
                 "tensor count and per-element rate (optimizer_step_costs()); first_touch_bandwidth: page "
                 "faults + unmap of fresh anonymous memory (first_touch_bandwidth())")
 

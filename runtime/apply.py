@@ -943,6 +943,11 @@ class ParallelModule(nn.Module):
         return total
 
     # -- state
+    def local_param_bytes(self) -> int:
+        """Bytes of this rank's parameter shards (what it stores, not what it gathers)."""
+        return sum(t.numel() * t.element_size()
+                   for t in (getattr(p, "_local_tensor", p) for p in self.local_params.values()))
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded parameters by canonical fqn, on every rank (collective over all ranks)."""
         out = {}

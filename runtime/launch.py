@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -142,10 +143,7 @@ def run_model_worker(target: str, cluster: str, steps: int, plan_path: str | Non
     for i in range(steps):
         dist.barrier()
         t0 = time.perf_counter()
-        if probe is not None and i < 2:
-            with probe:
-                loss = pm.train_step(inputs, targets, loss_fn, opt)
-        else:
+        with probe if probe is not None and i < 2 else contextlib.nullcontext():
             loss = pm.train_step(inputs, targets, loss_fn, opt)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -155,8 +153,7 @@ def run_model_worker(target: str, cluster: str, steps: int, plan_path: str | Non
     if probe is None:
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = probe.peak_bytes + sum(
-            t.numel() * t.element_size() for t in (getattr(p, "_local_tensor", p) for p in pm.local_params.values()))
+        peak = probe.peak_bytes + pm.local_param_bytes()
     peaks = [None] * ws
     dist.all_gather_object(peaks, peak)
     if rank == 0:

@@ -567,7 +567,7 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
             want_grad = out_want if struct.has_grad(u, spec) else None
             out_cost = [_edge_cost(nbytes, st.outputs[0], out_want, want_grad, mesh, links) for st in ss]
         if "batchnorm" in struct.contexts[u].module_type.lower():
-            out_cost = [c + _sync_batch_norm_s(struct.contexts[u], st, mesh, links, precision)
+            out_cost = [c + _sync_batch_norm_s(struct.contexts[u], st, mesh, links)
                         for c, st in zip(out_cost, ss)]
         for dname, dev in devices.items():
             c_list, f_list = [], []
@@ -681,13 +681,18 @@ def _config_allowed(c: StateConfig, dp: int, allowed: frozenset[str], devices: M
     return True
 
 
+def _bare_collective_time(kind: str, nbytes: float, n: int, link: LinkSpec) -> float:
+    """A collective the runtime issues itself (torch.distributed), not through a DTensor
+    redistribute: the link's ``sync_s`` (a redistribute's extra cost) is not charged."""
+    return collective_time(kind, nbytes, n, link) - link.sync_s
+
+
 def _bucketed(kind: str, nbytes: float, n: int, link: LinkSpec) -> float:
-    """Time of ``nbytes`` moved by a bucketed collective: linear at BUCKET_BYTES messages.
-    The runtime issues bucket all-reduces as bare collectives, not DTensor redistributes, so
-    the link's ``sync_s`` (a redistribute's extra cost) is not charged."""
+    """Time of ``nbytes`` moved by a bucketed collective: linear at BUCKET_BYTES messages
+    (bucket all-reduces are bare collectives)."""
     if n <= 1 or nbytes <= 0:
         return 0.0
-    return (collective_time(kind, BUCKET_BYTES, n, link) - link.sync_s) * nbytes / BUCKET_BYTES
+    return _bare_collective_time(kind, BUCKET_BYTES, n, link) * nbytes / BUCKET_BYTES
 
 
 def _edge_cost_memo(memo: dict, nbytes: float, src: tuple, dst: tuple, dst_grad: Optional[tuple], mesh,
@@ -725,7 +730,7 @@ def _param_edge(spec: TensorSpec, src: tuple, dst: tuple, mesh, links, precision
     return t + tb
 
 
-def _sync_batch_norm_s(ctx: OpContext, st: Strategy, mesh: Mapping[str, int], links, precision: str) -> float:
+def _sync_batch_norm_s(ctx: OpContext, st: Strategy, mesh: Mapping[str, int], links) -> float:
     """Per microbatch: a BatchNorm module whose batch is sharded all-reduces its per-channel
     statistic sums over the sharding axes (autopar.runtime.sync_batch_norm): the sum and the
     centred sum of squares in the forward, ``sum dy`` and ``sum dy * x_hat`` in the backward."""
@@ -738,9 +743,8 @@ def _sync_batch_norm_s(ctx: OpContext, st: Strategy, mesh: Mapping[str, int], li
     t = 0.0
     for axis, q in zip(("dp", "tp"), pl):
         if isinstance(q, Shard) and q.dim == 0 and mesh[axis] > 1:
-            link = links[axis]  # bare collectives: no DTensor redistribute overhead (sync_s)
-            t += 2 * (collective_time("all_reduce", nbytes, mesh[axis], link) - link.sync_s)
-            t += collective_time("all_reduce", 2 * nbytes, mesh[axis], link) - link.sync_s
+            t += 2 * _bare_collective_time("all_reduce", nbytes, mesh[axis], links[axis])
+            t += _bare_collective_time("all_reduce", 2 * nbytes, mesh[axis], links[axis])
     return t
 
 
