@@ -286,6 +286,32 @@ def _local_sdpa(target, args, kwargs):
     return DTensor.from_local(out, mesh, pl, run_check=False)  # shards are even (checked by the plan)
 
 
+def _masked_partial_as_partial(t: DTensor, want) -> DTensor:
+    """``t`` with each vocab-parallel ``_MaskPartial`` placement whose wanted placement is a plain
+    ``Partial`` turned into that ``Partial``: rows this rank's embedding shard does not hold are
+    zeroed (the mask DTensor would apply at its reduction), and the local values are then a
+    plain partial sum. DTensor refuses that redistribution ("redistributing to Partial is for
+    internal use only"), so a plan that keeps an embedding's output partial for a later
+    reduction (fused into a reduce-scatter, or summed after the next op) needs it done here.
+    The gradient of the local values is the incoming replicated gradient, masked the same way."""
+    pls = list(t.placements)
+    idx = [i for i, (p, w) in enumerate(zip(pls, want))
+           if p.is_partial() and type(p) is not DPartial and hasattr(p, "mask_buffer")
+           and isinstance(w, DPartial) and type(w) is DPartial and w.reduce_op == p.reduce_op]
+    if not idx:
+        return t
+    local = t.to_local(grad_placements=[DReplicate() if i in idx else p for i, p in enumerate(pls)])
+    for i in idx:
+        mask = pls[i].mask_buffer.data
+        if mask is None:
+            raise RuntimeError(f"autopar runtime: a vocab-parallel embedding output on mesh dim {i} has no "
+                               "mask to apply (it was reduced already)")
+        keep = (~mask).to(local.dtype)
+        local = local * (keep if keep.ndim == local.ndim else keep.unsqueeze(-1))
+        pls[i] = DPartial(pls[i].reduce_op)
+    return DTensor.from_local(local, t.device_mesh, pls, run_check=False, shape=t.shape, stride=t.stride())
+
+
 class _GradAs(torch.autograd.Function):
     """Identity whose backward makes the gradient ``placements`` first.
 
@@ -498,6 +524,7 @@ class Executor:
             out = self.wrap(out, (_R, _R))
             want = _dt(s.outputs[0]) if s.outputs else None
             if want is not None and isinstance(out, DTensor) and tuple(out.placements) != tuple(want):
+                out = _masked_partial_as_partial(out, want)
                 special = any(p.is_partial() and type(p) is not DPartial for p in out.placements)
                 out = out.redistribute(self.mesh, want)
                 if special:
@@ -514,6 +541,8 @@ class Executor:
             for o, pl in zip(out, s.outputs):
                 o = self.wrap(o, (_R, _R))
                 want = _dt(pl)
+                if isinstance(o, DTensor) and tuple(o.placements) != tuple(want):
+                    o = _masked_partial_as_partial(o, want)
                 res.append(o.redistribute(self.mesh, want) if tuple(o.placements) != tuple(want) else o)
             return type(out)(res) if isinstance(out, tuple) else res
         return out

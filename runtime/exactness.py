@@ -146,6 +146,7 @@ def _plan(graph, kind, ws, opts):
         offload=opts.get("offload") == "1",
         zero_stage=int(opts["zero"]) if "zero" in opts else None,
         virtual_stages=int(opts.get("v", 1)),
+        vocab_partial=opts.get("vocab_partial") == "1",
     )
 
 

@@ -58,11 +58,14 @@ def make_plan(
     offload_activations: bool | None = None,
     zero_stage: int | None = None,
     virtual_stages: int = 1,
+    vocab_partial: bool = False,
 ) -> Plan:
     """A complete Plan of ``kind`` for ``graph`` on ``world_size`` ranks (see module docstring).
 
     ``recompute`` / ``offload_activations`` apply to every block (and to nodes outside blocks);
     ``offload`` puts every parameter's optimizer state (and its step) on the host.
+    ``vocab_partial`` leaves a vocab-parallel embedding's output a partial sum on the tp axis,
+    reduced where its consumer needs it whole (a layout the solver picks when that is cheaper).
     """
     if kind not in KIND_MESH and mesh is None:
         raise ValueError(f"unknown plan kind {kind!r}; choose from {sorted(KIND_MESH)}")
@@ -150,6 +153,8 @@ def make_plan(
             elif r == "rowwise":
                 has_bias = len(n.params) > 1
                 t = Replicate() if has_bias else Partial()
+            elif r == "vocab" and vocab_partial:
+                t = Partial()
             outs.append((dp_pl(spec), t))
         for p in n.params:
             shape = graph.params[p].shape if p in graph.params else None

@@ -18,6 +18,8 @@ from autopar.runtime.testing import run_workers
 CASES_2 = [
     "mlp:dp", "mlp:fsdp", "mlp:tp",
     "gpt:dp:probe=1", "gpt:fsdp:resharded=1", "gpt:tp", "gpt_tied:tp", "gpt:dp:mb=2",
+    # a vocab-parallel embedding whose output stays a partial sum until its consumer
+    "gpt:tp:vocab_partial=1",
     # dp gradients in many small buckets (all-reduces launched from the backward), 2 microbatches
     "gpt:dp:bucket=20000,mb=2",
     "gpt:fsdp:zero=2",
