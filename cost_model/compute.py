@@ -57,10 +57,12 @@ def op_time(flops: float, bytes_moved: float, dtype, device: DeviceSpec, kind: s
     t_memory = bytes_moved / (device.memory_bandwidth * device.memory_bw_efficiency)
     overhead = device.op_overhead_s if include_overhead and (flops > 0 or bytes_moved > 0) else 0.0
     if kind == "matmul" and device.kind == "cpu":
-        # a CPU GEMM streams (packs) its operands and then multiplies: the two add up. On the
-        # 2-core VM a (16 x 1024) @ (1024 x 1024) took 0.26 ms at 1 process and 0.80 ms at 4,
-        # against 0.16 / 0.58 for the larger of the two terms and 0.26 / 0.95 for their sum;
-        # the profiler fits the matmul curve with this term taken out of its square samples
+        # a CPU GEMM streams (packs) its operands and then multiplies: the two add up, at the
+        # streaming rate the profiler fitted jointly with the matmul rate over square and
+        # skinny shapes. On the 2-core VM a (16 x 1024) @ (1024 x 1024) took 0.26 ms at 1
+        # process and 0.80 ms at 4, against 0.16 / 0.58 for the larger of the two terms
+        if device.matmul_stream_bandwidth > 0:
+            t_memory = bytes_moved / device.matmul_stream_bandwidth
         return overhead + t_compute + t_memory
     return overhead + max(t_compute, t_memory)
 

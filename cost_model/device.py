@@ -115,6 +115,10 @@ class DeviceSpec:
         memory (:func:`autopar.cost_model.compute.optimizer_step_time` interpolates).
       first_touch_bandwidth: B/s at which freshly mapped memory is first written (page faults
         alone), charged on the bytes each node allocates; 0 = not measured / not charged.
+      matmul_stream_bandwidth: B/s at which a CPU GEMM streams (packs) its operands, fitted by
+        the profiler jointly with the matmul rate over square and skinny shapes; a CPU
+        matmul's time is compute + operands / this (:func:`autopar.cost_model.compute.op_time`).
+        0 = not fitted: ``memory_bandwidth`` is used.
     """
 
     name: str
@@ -137,6 +141,7 @@ class DeviceSpec:
     optimizer_tensor_overhead_s: Mapping[str, float] = field(default_factory=dict)
     optimizer_rates: Mapping[str, float] = field(default_factory=dict)
     first_touch_bandwidth: float = 0.0
+    matmul_stream_bandwidth: float = 0.0
 
     def __post_init__(self) -> None:
         owner = f"DeviceSpec({self.name!r})"
@@ -159,6 +164,7 @@ class DeviceSpec:
             _check_positive(owner, f"optimizer_tensor_overhead_s[{k!r}]", v, allow_zero=True)
         _check_positive(owner, "node_overhead_s", self.node_overhead_s, allow_zero=True)
         _check_positive(owner, "first_touch_bandwidth", self.first_touch_bandwidth, allow_zero=True)
+        _check_positive(owner, "matmul_stream_bandwidth", self.matmul_stream_bandwidth, allow_zero=True)
         for name in ("peak_flops", "matmul_eff_max", "matmul_flops_half"):
             table = getattr(self, name)
             missing = [d for d in DTYPES if d not in table]
@@ -220,6 +226,7 @@ class DeviceSpec:
             "node_overhead_s": self.node_overhead_s, "kernel_rates": dict(self.kernel_rates),
             "optimizer_tensor_overhead_s": dict(self.optimizer_tensor_overhead_s),
             "optimizer_rates": dict(self.optimizer_rates), "first_touch_bandwidth": self.first_touch_bandwidth,
+            "matmul_stream_bandwidth": self.matmul_stream_bandwidth,
             "provenance": self.provenance.to_json(),
         }
 
@@ -230,7 +237,7 @@ class DeviceSpec:
         if unknown:
             raise ValueError(f"DeviceSpec JSON has unknown field(s) {sorted(unknown)}")
         optional = {"cores", "node_overhead_s", "kernel_rates", "optimizer_tensor_overhead_s", "optimizer_rates",
-                    "first_touch_bandwidth"}  # have defaults
+                    "first_touch_bandwidth", "matmul_stream_bandwidth"}  # have defaults
         missing = [f for f in known if f not in d and f not in optional]
         if missing:
             raise ValueError(f"DeviceSpec JSON for {d.get('name', '?')!r} lacks field(s) {sorted(missing)}")

@@ -46,8 +46,10 @@ What is measured (all with torch, no ISA-specific code, so it runs on x86 and AR
    allocates (its outputs forward, its input and parameter gradients backward). Each is
    measured per process count.
 
-Limitations: timings are rank 0's, the median of a few repetitions; a host shared with
-other work gives noisy figures (run it on a quiet machine). With CUDA but fewer GPUs than
+Limitations: timings are rank 0's. Each matmul point and each cheap rate (stream, kernels,
+optimizer, first touch: :func:`host_rates`) is the median over a few rounds, so a burst of host
+slowness that spoils one round is left out; a host that stays busy still gives slow figures
+(run it on a quiet machine). With CUDA but fewer GPUs than
 processes, collectives are measured with gloo on CPU tensors and every process is given the
 whole measured GPU (a shared GPU is not modelled). The multi-process phase assumes the
 runtime gives each of N processes ``max(1, cores // N)`` intra-op threads, as here.
@@ -74,6 +76,14 @@ from .collectives import alpha_beta_factors
 from .device import DTYPES, DeviceSpec, Provenance
 
 DEFAULT_MATMUL_SIZES: tuple[int, ...] = (128, 256, 512, 1024)
+#: (rows, inner, cols) of fp32 GEMMs timed beside the square sweep on CPUs: skinny products
+#: (few rows against a 4 MiB weight) and the shapes of small transformers' projections. With
+#: the squares they separate a GEMM's arithmetic from the streaming of its operands
+#: (:func:`fit_gemm`): fitted on squares alone, with the stream bandwidth of ``x + y`` taken
+#: out, the 2-process rate on the 2-core VM came out 240 GFLOP/s where a 1024^3 product ran
+#: at 171, and transformer-sized GEMMs were predicted 10-20 % fast.
+GEMM_SHAPES: tuple[tuple[int, int, int], ...] = ((16, 1024, 1024), (64, 1024, 1024), (256, 1024, 1024),
+                                                 (256, 256, 1024), (512, 256, 256), (64, 256, 2048))
 DEFAULT_COLLECTIVE_BYTES: tuple[int, ...] = (1 << 12, 1 << 15, 1 << 18, 1 << 20, 1 << 22)
 DEFAULT_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 COLLECTIVE_KINDS: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all",
@@ -135,6 +145,31 @@ def matmul_samples(sizes: Sequence[int], dtypes: Sequence[str], device: str = "c
     return out
 
 
+def windowed_matmul_times(ops: dict, window_s: float, barrier: Callable[[], None], rounds: int) -> dict:
+    """``{key: seconds per call}`` of ``torch.mm(*ops[key])``: every key is run for ``window_s``
+    of wall time after ``barrier``, ``rounds`` passes with the keys interleaved, and each
+    figure is the median over its windows of the window's wall time per call."""
+    import torch
+
+    per_round: dict = {key: [] for key in ops}
+    for _ in range(max(1, rounds)):
+        for key, (a, b) in ops.items():
+            barrier()
+            calls, start = 0, time.perf_counter()
+            while True:
+                torch.mm(a, b)
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= window_s:
+                    break
+            # wall time per call over the whole window, NOT the median call: with more
+            # processes than cores a process is descheduled for whole time slices, and a call
+            # shorter than a slice usually runs uninterrupted, so the median call would show
+            # a whole core's speed while the process gets only its share of the machine.
+            per_round[key].append(elapsed / calls)
+    return {key: statistics.median(v) for key, v in per_round.items()}
+
+
 def concurrent_matmul_samples(sizes: Sequence[int], dtypes: Sequence[str], window_s: float,
                               barrier: Callable[[], None], rounds: Optional[dict] = None
                               ) -> dict[str, list[tuple[float, float]]]:
@@ -143,10 +178,11 @@ def concurrent_matmul_samples(sizes: Sequence[int], dtypes: Sequence[str], windo
     whole window (short fixed-repetition loops would drift apart and each run alone).
 
     A dtype in ``rounds`` (default: fp32, the dtype CPU training runs in, 5 rounds) is swept
-    that many times, sizes interleaved, and each point is the total time over the total calls
-    of its windows: on a shared host the speed drifts by +-20 % from one half second to the
-    next (seen on the 2-core development VM: 143-356 GFLOP/s in 0.5 s windows of one 1024^3
-    fp32 matmul), and a step time averages over such drift, so the figure must too."""
+    that many times, sizes interleaved, and each point is the median over its windows of the
+    window's time per call: on a shared host the speed drops in bursts of a second or two
+    (seen on the 2-core development VM: 165-350 GFLOP/s in 0.25 s windows of one 512^3 fp32
+    matmul, slow windows in runs of 2-5), and the median keeps a burst that hit one window out
+    of the figure, as the benchmarks keep it out of a median step time."""
     import torch
 
     rounds = {"fp32": 5} if rounds is None else rounds
@@ -158,26 +194,62 @@ def concurrent_matmul_samples(sizes: Sequence[int], dtypes: Sequence[str], windo
             b = torch.randn(n, n).to(_torch_dtype(d))
             torch.mm(a, b)
             ops[n] = (a, b)
-        total = {n: [0.0, 0] for n in sizes}
-        for _ in range(max(1, rounds.get(d, 1))):
-            for n in sizes:
-                a, b = ops[n]
-                barrier()
-                calls, start = 0, time.perf_counter()
-                while True:
-                    torch.mm(a, b)
-                    calls += 1
-                    elapsed = time.perf_counter() - start
-                    if elapsed >= window_s:
-                        break
-                # wall time per call over the whole window, NOT the median call: with more
-                # processes than cores a process is descheduled for whole time slices, and a call
-                # shorter than a slice usually runs uninterrupted, so the median call would show
-                # a whole core's speed while the process gets only its share of the machine.
-                total[n][0] += elapsed
-                total[n][1] += calls
-        out[d] = [(2.0 * n ** 3, total[n][0] / total[n][1]) for n in sizes]
+        t = windowed_matmul_times(ops, window_s, barrier, rounds.get(d, 1))
+        out[d] = [(2.0 * n ** 3, t[n]) for n in sizes]
     return out
+
+
+def gemm_samples(shapes: Sequence[tuple[int, int, int]], window_s: float, barrier: Callable[[], None],
+                 rounds: int = 3) -> list[tuple[int, int, int, float]]:
+    """``[(rows, inner, cols, seconds per call), ...]`` of fp32 ``(rows x inner) @ (inner x cols)``
+    products, timed as :func:`concurrent_matmul_samples` times its squares."""
+    import torch
+
+    ops = {}
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.mm(a, b)
+        ops[(m, k, n)] = (a, b)
+    t = windowed_matmul_times(ops, window_s, barrier, rounds)
+    return [(m, k, n, t[(m, k, n)]) for m, k, n in shapes]
+
+
+def gemm_bytes(m: int, k: int, n: int, itemsize: int = 4) -> int:
+    """Bytes of a ``(m x k) @ (k x n)`` product's operands and result."""
+    return itemsize * (m * k + k * n + m * n)
+
+
+def fit_gemm(samples: Sequence[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """Fit ``t = t0 + flops / rate + bytes / stream`` over ``(flops, bytes, seconds)`` samples,
+    minimising relative error with every term >= 0; returns ``(t0, rate, stream)`` (``stream``
+    0 when the fit needs no streaming term, ``t0`` 0 when it needs no fixed cost).
+
+    Why jointly: square products alone cannot tell arithmetic from operand streaming (both
+    grow with size), and taking ``x + y``'s DRAM bandwidth out of them over-corrects where the
+    operands sit in cache; skinny products, whose time is mostly streaming a large weight,
+    pin the second term."""
+    import numpy as np
+
+    pts = [(f, b, t) for f, b, t in samples if f > 0 and t > 0]
+    if len(pts) < 2:
+        raise ValueError(f"fit_gemm needs at least 2 samples with time > 0, got {list(samples)}")
+    a = np.array([[1.0 / t, f / t, b / t] for f, b, t in pts])
+    y = np.ones(len(pts))
+    best = None
+    # non-negative least squares over 3 terms by enumerating which are free (rate always is)
+    for cols in ((0, 1, 2), (1, 2), (0, 1), (1,)):
+        coef, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
+        if np.any(coef < 0) or coef[cols.index(1)] <= 0:
+            continue
+        resid = float(np.sum((a[:, cols] @ coef - y) ** 2))
+        if best is None or resid < best[0]:
+            full = np.zeros(3)
+            full[list(cols)] = coef
+            best = (resid, full)
+    if best is None:
+        raise ValueError(f"fit_gemm found no positive rate in samples {pts}")
+    t0, c, s = best[1]
+    return float(t0), float(1.0 / c), float(1.0 / s) if s > 0 else 0.0
 
 
 def stream_bandwidth(numel: int = 1 << 24, device: str = "cpu", reps: int = 5) -> float:
@@ -452,6 +524,38 @@ def first_touch_bandwidth(nbytes: int = 1 << 23, reps: int = 5, shared: bool = F
         costs.append(max(fresh - warm + unmap, 1e-9))
     per = statistics.fmean(costs) if shared else statistics.median(costs)
     return nbytes / per
+
+
+#: rounds of the cheap per-process measurements (stream, kernels, optimizer, first touch):
+#: each figure is the median over the rounds, which run one after another so that a burst of
+#: host slowness (a second or two on a shared VM) spoils at most one of them. Three rounds of
+#: fewer repetitions cost about what one round of the earlier repetition counts did.
+HOST_RATE_ROUNDS = 3
+
+
+def _median_of(results: Sequence):
+    """Per-key median of equally shaped results (floats or nested dicts of floats)."""
+    first = results[0]
+    if isinstance(first, dict):
+        return {k: _median_of([r[k] for r in results]) for k in first}
+    return statistics.median(results)
+
+
+def host_rates(device: str = "cpu", stream_numel: int = 1 << 24, shared: bool = False,
+               rounds: int = HOST_RATE_ROUNDS) -> dict:
+    """``{"stream", "kernels", "optimizer", "first_touch"}`` for this process, each the median
+    over ``rounds`` interleaved rounds (see :data:`HOST_RATE_ROUNDS`).
+
+    Why: measured once each, these figures varied 1.3-4x between profiles taken minutes apart
+    on the 2-core development VM (six profiles: layer_norm forward 1.75-5.81 G elements/s at
+    1 process), and every prediction made from a profile carried that draw."""
+    samples = []
+    for _ in range(max(1, rounds)):
+        samples.append({"stream": stream_bandwidth(stream_numel, device, reps=3),
+                        "kernels": kernel_rates(device=device, reps=3, shared=shared),
+                        "optimizer": optimizer_step_costs(rounds=3, shared=shared),
+                        "first_touch": first_touch_bandwidth(reps=3, shared=shared)})
+    return _median_of(samples)
 
 
 # --------------------------------------------------------------------------- runtime per-node overhead
@@ -815,7 +919,7 @@ def sync_costs(group, n: int, segments_s: tuple[float, ...] = (0.002, 0.012), re
 def _redistribute_overhead(group, k: int, med: Callable) -> Optional[float]:
     """Seconds a DTensor ``redistribute`` (how the runtime reshards between ops) costs on top
     of the bare collective it issues, both after ``k`` compute calls: Shard(0) -> Replicate of
-    a 64 KiB tensor vs ``all_gather_into_tensor`` of the same. None when DTensor is missing."""
+    a 64 KiB tensor vs a bare all-gather of the same. None when DTensor is missing."""
     import torch
     import torch.distributed as dist
 
@@ -829,8 +933,9 @@ def _redistribute_overhead(group, k: int, med: Callable) -> Optional[float]:
     local = torch.ones(16 * 1024 // n)
     x = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
     out = torch.empty(local.numel() * n)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
     t_redist = med(lambda: (_work_segment(k), x.redistribute(mesh, [Replicate()]).to_local().sum()))
-    t_plain = med(lambda: (_work_segment(k), dist.all_gather_into_tensor(out, local, group=group), out.sum()))
+    t_plain = med(lambda: (_work_segment(k), gather(out, local, group=group), out.sum()))
     return max(0.0, t_redist - t_plain)
 
 
@@ -850,7 +955,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
                             timeout=_dt.timedelta(seconds=cfg["timeout_s"]))
     device = f"cuda:{rank}" if use_cuda else "cpu"
     cores = os.cpu_count() or 1
-    result: dict = {"matmul": {}, "stream": {}, "collectives": {}, "threads": {}, "dtensor_overhead": {},
+    result: dict = {"matmul": {}, "gemm": {}, "stream": {}, "collectives": {}, "threads": {}, "dtensor_overhead": {},
                     "kernels": {}, "optimizer": {}, "first_touch": {}, "runtime_overhead": {}, "runtime_overhead_error": "", "sync": {}}
     try:
         solo = dist.new_group([0])  # one process with every core: the 1-process runtime's dispatch
@@ -866,14 +971,12 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
                 if not use_cuda:  # concurrent compute only matters when processes share cores
                     result["matmul"][n] = concurrent_matmul_samples(
                         cfg["sizes"], cfg["dtypes"], cfg["window_s"], lambda: dist.barrier(group=group))
+                    result["gemm"][n] = gemm_samples(cfg["gemm_shapes"], cfg["window_s"],
+                                                     lambda: dist.barrier(group=group))
                     dist.barrier(group=group)
-                    result["stream"][n] = stream_bandwidth(cfg["stream_numel"], "cpu", reps=5)
-                    dist.barrier(group=group)
-                    result["kernels"][n] = kernel_rates(shared=n > cores)
-                    dist.barrier(group=group)
-                    result["optimizer"][n] = optimizer_step_costs(shared=n > cores)
-                    dist.barrier(group=group)
-                    result["first_touch"][n] = first_touch_bandwidth(shared=n > cores)
+                    rates = host_rates("cpu", cfg["stream_numel"], shared=n > cores)
+                    for key in ("stream", "kernels", "optimizer", "first_touch"):
+                        result[key][n] = rates[key]
                 dist.barrier(group=group)  # all n dispatch at once: they share the cores as in a run
                 result["dtensor_overhead"][n] = dtensor_op_overhead(group, device, shared=n > cores)
                 if n == world and not use_cuda:  # the runtime's mesh spans the whole world
@@ -912,12 +1015,22 @@ def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_
                          bandwidth: float, overhead: float, host_link: str, host_bw: float,
                          host_mem: int, cores: int, prov: Provenance, *, node_overhead: float = 0.0,
                          kernels: Optional[dict] = None, optimizer: Optional[dict] = None,
-                         first_touch: float = 0.0) -> DeviceSpec:
+                         first_touch: float = 0.0, gemm: Optional[Sequence] = None) -> DeviceSpec:
     peak, half, eff = {}, {}, {}
+    stream = 0.0
+    if kind == "cpu" and gemm and "fp32" in samples:
+        # fp32: arithmetic and operand streaming fitted jointly over squares and GEMM_SHAPES
+        pts = [(f, gemm_bytes(*[round((f / 2) ** (1 / 3))] * 3), t) for f, t in samples["fp32"]]
+        pts += [(2.0 * m * k * n, gemm_bytes(m, k, n), t) for m, k, n, t in gemm]
+        t0, rate, stream = fit_gemm(pts)
+        peak["fp32"], half["fp32"], eff["fp32"] = rate, t0 * rate, 1.0
     for d, rows in samples.items():
+        if d in peak:
+            continue
         if kind == "cpu":  # the operand streaming is priced apart on a CPU (compute.op_time)
             size = _torch_dtype(d).itemsize
-            rows = [(f, max(0.5 * t, t - 3 * (f / 2) ** (2 / 3) * size / bandwidth)) for f, t in rows]
+            bw = stream or bandwidth
+            rows = [(f, max(0.5 * t, t - 3 * (f / 2) ** (2 / 3) * size / bw)) for f, t in rows]
         t0, rate = fit_overhead_rate(rows)
         peak[d], half[d], eff[d] = rate, t0 * rate, 1.0
     # tf32 is fp32 on CPUs; dtypes not measured fall back to fp32 (stated in provenance notes)
@@ -932,10 +1045,18 @@ def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_
                       node_overhead_s=node_overhead, kernel_rates=dict(kernels or {}),
                       optimizer_tensor_overhead_s=dict((optimizer or {}).get("per_tensor_s", {})),
                       optimizer_rates=dict((optimizer or {}).get("elements_per_s", {})),
-                      first_touch_bandwidth=first_touch)
+                      first_touch_bandwidth=first_touch, matmul_stream_bandwidth=stream)
 
 
-_KERNEL_NOTE = ("kernel_rates: fp32 elements/s on a 512x1024 tensor, conv_fwd / conv_bwd: FLOP/s "
+def _gemm_fit_note(dev: DeviceSpec) -> str:
+    if not dev.matmul_stream_bandwidth:
+        return ""
+    return (f"; fp32 GEMM fit {dev.peak_flops['fp32'] / 1e9:.1f} GFLOP/s + operands at "
+            f"{dev.matmul_stream_bandwidth / 1e9:.1f} GB/s")
+
+
+_KERNEL_NOTE = ("fp32 peak_flops / matmul_flops_half / matmul_stream_bandwidth: fit_gemm over square sizes and "
+                "GEMM_SHAPES; kernel_rates: fp32 elements/s on a 512x1024 tensor, conv_fwd / conv_bwd: FLOP/s "
                 "and half-rate FLOPs of conv2d fitted over CONV_SHAPES (kernel_rates()), used for every dtype; optimizer_tensor_overhead_s / optimizer_rates: single-tensor optimizer step, slope over "
                 "tensor count and per-element rate (optimizer_step_costs()); first_touch_bandwidth: page "
                 "faults + unmap of fresh anonymous memory (first_touch_bandwidth())")
@@ -1019,7 +1140,8 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
     result = None
     use_cuda = cuda and torch.cuda.device_count() >= nproc
     if nproc >= 2:  # first, before this process runs any op (see start_method)
-        cfg = {"sizes": list(matmul_sizes), "dtypes": list(dtypes), "coll_bytes": list(collective_bytes),
+        cfg = {"sizes": list(matmul_sizes), "gemm_shapes": [list(x) for x in GEMM_SHAPES],
+               "dtypes": list(dtypes), "coll_bytes": list(collective_bytes),
                "stream_numel": stream_numel, "cuda": use_cuda, "timeout_s": timeout_s,
                "window_s": window_s}
         say(f"starting {nproc} processes ({start_method}; gloo{'+nccl' if use_cuda else ''} on 127.0.0.1)")
@@ -1030,18 +1152,21 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
     # measured the way a training step experiences the cores, including waits for them
     cpu_mm = concurrent_matmul_samples(matmul_sizes, dtypes, window_s, lambda: None)
     raw["matmul"]["1"] = cpu_mm
+    cpu_gemm = gemm_samples(GEMM_SHAPES, window_s, lambda: None)
+    raw["gemm"] = {"1": cpu_gemm}
     say("matmul: " + ", ".join(f"{d} {max(f / t for f, t in rows) / 1e9:.1f} GFLOP/s" for d, rows in cpu_mm.items()))
-    cpu_bw = stream_bandwidth(stream_numel, "cpu")
+    rates = host_rates("cpu", stream_numel)
+    cpu_bw = rates["stream"]
     cpu_ovh = op_overhead("cpu")
     raw["op_overhead"]["1"] = cpu_ovh
     raw["stream"]["1"] = cpu_bw
     dt_ovh = raw["dtensor_op_overhead"]
-    cpu_kernels = kernel_rates()
+    cpu_kernels = rates["kernels"]
     raw["kernels"] = {"1": cpu_kernels}
-    opt_costs = optimizer_step_costs()
+    opt_costs = rates["optimizer"]
     opt_ovh = opt_costs["per_tensor_s"]
     raw["optimizer"] = {"1": opt_costs}
-    cpu_ft = first_touch_bandwidth()
+    cpu_ft = rates["first_touch"]
     raw["first_touch"] = {"1": cpu_ft}
     rt_ovh: dict[str, float] = {}
     rt_solo, rt_why = _runtime_overhead_solo()
@@ -1104,7 +1229,8 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
         devices[1] = _device_from_samples(
             "local-cpu/1", "cpu", arch, cpu_mm, mem, cpu_bw, ovh(1), "none", 0.0, 0, cores,
             prov(notes.format(n=1, threads=cores) + f"; node_overhead_s {how}; " + _KERNEL_NOTE),
-            node_overhead=nv, kernels=cpu_kernels, optimizer=opt_costs, first_touch=cpu_ft)
+            node_overhead=nv, kernels=cpu_kernels, optimizer=opt_costs, first_touch=cpu_ft, gemm=cpu_gemm)
+        say("1 process:" + _gemm_fit_note(devices[1]).lstrip(";"))
 
     links: dict[int, LinkSpec] = {}
     if result is not None:
@@ -1153,14 +1279,17 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
                 raw["optimizer"][key] = opt_n
                 ft_n = result.get("first_touch", {}).get(key) or cpu_ft
                 raw["first_touch"][key] = ft_n
+                gemm_n = result.get("gemm", {}).get(key) or None
+                raw["gemm"][key] = gemm_n
                 devices[n] = _device_from_samples(
                     f"local-cpu/{n}", "cpu", arch, mm, mem // n, result["stream"][key], ovh(n), "none",
                     0.0, 0, result["threads"][key],
                     prov(notes.format(n=n, threads=result["threads"][key]) + f"; node_overhead_s {how}; "
                          + _KERNEL_NOTE),
-                    node_overhead=nv, kernels=kern, optimizer=opt_n, first_touch=ft_n)
+                    node_overhead=nv, kernels=kern, optimizer=opt_n, first_touch=ft_n, gemm=gemm_n)
                 say(f"{n} processes: per-process matmul " + ", ".join(  # measured, as for 1 process
-                    f"{d} {max(f / t for f, t in rows) / 1e9:.1f} GFLOP/s" for d, rows in mm.items()))
+                    f"{d} {max(f / t for f, t in rows) / 1e9:.1f} GFLOP/s" for d, rows in mm.items())
+                    + _gemm_fit_note(devices[n]))
 
     data = {"profile": {"version": PROFILE_VERSION, "host": host, "date": date, "arch": arch,
                         "cpu_count": cores, "nproc": nproc, "torch": torch.__version__,

@@ -8,7 +8,10 @@ import time
 import pytest
 
 from autopar.cost_model import Cluster, DeviceSpec
-from autopar.cost_model.profiler import fit_check, fit_link, fit_overhead_rate, profile
+from autopar.cost_model.profiler import (_device_from_samples, _median_of, fit_check, fit_gemm, fit_link,
+                                         fit_overhead_rate, gemm_bytes, profile)
+from autopar.cost_model.compute import op_time
+from autopar.cost_model.device import Provenance
 
 
 def test_fit_overhead_rate_recovers_parameters():
@@ -20,6 +23,43 @@ def test_fit_overhead_rate_recovers_parameters():
     # a noisy negative intercept falls back to a line through the origin
     t0_, rate_ = fit_overhead_rate([(1e6, 1e-6), (1e9, 2e-2)])
     assert t0_ == 0.0 and rate_ > 0
+
+
+_SHAPES = [(n, n, n) for n in (128, 256, 512, 1024)] + [(16, 1024, 1024), (64, 1024, 1024), (512, 256, 256)]
+
+
+def test_fit_gemm_separates_arithmetic_from_operand_streaming():
+    t0, rate, stream = 2e-6, 2e11, 3e10
+    pts = [(2.0 * m * k * n, gemm_bytes(m, k, n), t0 + 2.0 * m * k * n / rate + gemm_bytes(m, k, n) / stream)
+           for m, k, n in _SHAPES]
+    got = fit_gemm(pts)
+    assert got == pytest.approx((t0, rate, stream), rel=1e-6)
+    # time proportional to FLOPs alone: no streaming term (0), not a negative one
+    t0_, rate_, stream_ = fit_gemm([(f, b, f / rate) for f, b, _ in pts])
+    assert stream_ == 0.0 and t0_ == 0.0 and rate_ == pytest.approx(rate)
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_gemm([(1e6, 1e4, 1e-5)])
+
+
+def test_cpu_device_prices_gemms_with_the_joint_fit():
+    rate, stream = 1.5e11, 2e10
+    t = lambda m, k, n: 2.0 * m * k * n / rate + gemm_bytes(m, k, n) / stream  # noqa: E731
+    squares = {"fp32": [(2.0 * n ** 3, t(n, n, n)) for n in (128, 256, 512, 1024)]}
+    gemm = [(m, k, n, t(m, k, n)) for m, k, n in _SHAPES[4:]]
+    prov = Provenance(source="measured on test at 2026-01-01", date="2026-01-01")
+    dev = _device_from_samples("cpu-test", "cpu", "x86_64", squares, 1 << 30, 5e10, 0.0, "none", 0.0, 0, 1,
+                               prov, gemm=gemm)
+    assert dev.matmul_stream_bandwidth == pytest.approx(stream, rel=1e-6)
+    assert dev.peak_flops["fp32"] == pytest.approx(rate, rel=1e-6)
+    # a skinny product not in the samples: compute + operands at the fitted streaming rate
+    assert op_time(2.0 * 32 * 2048 * 512, gemm_bytes(32, 2048, 512), "fp32", dev, include_overhead=False) \
+        == pytest.approx(t(32, 2048, 512), rel=1e-6)
+    assert DeviceSpec.from_json(dev.to_json()) == dev
+
+
+def test_median_of_nested_rounds():
+    rounds = [{"a": 1.0, "b": {"x": 5.0}}, {"a": 3.0, "b": {"x": 1.0}}, {"a": 2.0, "b": {"x": 100.0}}]
+    assert _median_of(rounds) == {"a": 2.0, "b": {"x": 5.0}}
 
 
 def test_fit_link_recovers_alpha_beta():
@@ -70,6 +110,9 @@ def test_profile_smoke_two_processes(tmp_path, monkeypatch):
     assert any("2 processes" in m for m in messages)
     raw = json.loads(out.read_text())["profile"]["raw"]
     assert set(raw["collectives"]["2"]) >= {"all_reduce", "all_gather", "send_recv"}
+    # skinny GEMMs timed beside the squares, alone and with 2 processes, and fitted with them
+    assert len(raw["gemm"]["1"]) == len(raw["gemm"]["2"]) > 0
+    assert cluster.groups[0].device.matmul_stream_bandwidth >= 0
     # the link carries one measured (alpha, beta) per collective, and the fit is checked
     link = cluster.groups[0].intra_node_link
     assert link.has_fit("all_reduce") and link.has_fit("all_gather")
