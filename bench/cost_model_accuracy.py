@@ -1,6 +1,6 @@
 """Cost-model accuracy: predicted vs measured step time and peak memory of real plans, here.
 
-    python bench/cost_model_accuracy.py [--quick] [--steps 5] [--warmup 2] [--cases gpt:dp2,mlp:tp2]
+    python bench/cost_model_accuracy.py [--quick] [--steps 9] [--rounds 3] [--warmup 2] [--cases gpt:dp2,mlp:tp2]
 
 1. Profile this machine (``autopar.cost_model.profiler.profile(nproc=4)``) in the same run,
    giving the ``local:1``, ``local:2`` and ``local:4`` clusters.
@@ -9,9 +9,13 @@
    recomputation; per-node shardings are the solver's choice for that mesh) and read the
    prediction from ``plan.predicted``.
 3. Run that same Plan with the runtime (``apply_plan``) on N spawned gloo processes, each
-   with ``max(1, cores // N)`` intra-op threads (what the profiler assumes): ``--warmup``
-   steps, then ``--steps`` timed steps, each between two barriers; the step time is the
-   median ("spread" = (max - min) / median of the timed steps: the noise). Single-process
+   with ``max(1, cores // N)`` intra-op threads (what the profiler assumes), in ``--rounds``
+   passes over the cases in alternating order: each pass builds the case, warms it up
+   (``--warmup`` steps in the first pass, 1 after), times its share of ``--steps`` steps, each
+   between two barriers, and frees it. The step time is the median over all passes
+   ("spread" = (max - min) / median of the timed steps: the noise). On a shared host the speed
+   drops in bursts of a second or two; spread over passes, a burst spoils a few steps of
+   several cases, which the median leaves out, instead of all of one case's. Single-process
    cases run the same runtime on a 1-rank group.
 4. Print per case: model, plan, predicted, measured, error; then the mean absolute
    percentage error (MAPE), the Spearman rank correlation of predicted vs measured step
@@ -41,6 +45,7 @@ same contention); run it on a quiet machine for figures worth quoting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -191,8 +196,9 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def run_case_on_rank(case: dict, steps: int, warmup: int) -> dict:
-    """Apply the case's plan on this rank and time ``steps`` training steps."""
+def run_case_on_rank(case: dict, steps: int, warmup: int, probe_memory: bool) -> dict:
+    """Apply the case's plan on this rank, run ``warmup`` steps (under the live-tensor probe
+    when ``probe_memory``), time ``steps`` training steps, and free it all again."""
     import torch
     import torch.distributed as dist
 
@@ -213,23 +219,52 @@ def run_case_on_rank(case: dict, steps: int, warmup: int) -> dict:
     times = []
     # the warm-up steps (the first creates the optimizer state, the next is a steady step) are
     # untimed and run under the live-tensor probe; the timed steps run without it
-    with LiveTensorBytes() as probe:
+    probe = LiveTensorBytes() if probe_memory else contextlib.nullcontext()
+    with probe:
         for _ in range(warmup):
             dist.barrier()
             pm.train_step(inputs, targets, loss_fn, opt)
+    ref = host_reference_s(dist.barrier)
     for _ in range(steps):
         dist.barrier()
         t0 = time.perf_counter()
         pm.train_step(inputs, targets, loss_fn, opt)
         dist.barrier()
         times.append(time.perf_counter() - t0)
-    rss = local + max(0, _proc_status("VmHWM") - base) if reset_ok else -1
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, (local + probe.peak_bytes, rss))
+    refs = [None] * dist.get_world_size()
+    dist.all_gather_object(refs, ref)
+    out: dict = {"times": times, "local_param_bytes": local, "ref_s": [statistics.fmean(refs)]}
+    if probe_memory:
+        rss = local + max(0, _proc_status("VmHWM") - base) if reset_ok else -1
+        mem = [None] * dist.get_world_size()
+        dist.all_gather_object(mem, (local + probe.peak_bytes, rss))
+        out.update(peak_bytes=max(m for m, _ in mem), rss_bytes=max(r for _, r in mem))
     del pm
     gc.collect()
-    return {"step_s": statistics.median(times), "times": times, "peak_bytes": max(m for m, _ in out),
-            "rss_bytes": max(r for _, r in out), "local_param_bytes": local}
+    return out
+
+
+#: the host-speed reference: the profile's largest square fp32 matmul, timed the same way
+REF_N = 1024
+
+
+def host_reference_s(barrier, window_s: float = 0.2) -> float:
+    """Seconds per ``REF_N``^3 fp32 matmul now, all ranks at once for ``window_s`` (as the
+    profiler times its matmul points): against the profile's figure for the same product it
+    says how much faster or slower the host is while a case runs than while it was profiled."""
+    import torch
+
+    from autopar.cost_model.profiler import windowed_matmul_times
+
+    a, b = torch.randn(REF_N, REF_N), torch.randn(REF_N, REF_N)
+    torch.mm(a, b)
+    return windowed_matmul_times({0: (a, b)}, window_s, barrier, 1)[0]
+
+
+def profile_reference_s(data: dict, n: int) -> float:
+    """The profile's seconds per ``REF_N``^3 fp32 matmul with ``n`` processes (0: not there)."""
+    rows = data.get("profile", {}).get("raw", {}).get("matmul", {}).get(str(n), {}).get("fp32", [])
+    return next((t for f, t in rows if round((f / 2) ** (1 / 3)) == REF_N), 0.0)
 
 
 def _warm_process(ws: int) -> None:
@@ -253,7 +288,7 @@ def _warm_process(ws: int) -> None:
         pm.train_step(inputs, targets, e.loss_fn, opt)
 
 
-def worker(cases_path: str, out_path: str, steps: int, warmup: int) -> None:
+def worker(cases_path: str, out_path: str, steps: int, warmup: int, rounds: int) -> None:
     import torch
     import torch.distributed as dist
 
@@ -265,15 +300,29 @@ def worker(cases_path: str, out_path: str, steps: int, warmup: int) -> None:
     with open(cases_path) as f:
         cases = json.load(f)
     _warm_process(ws)
-    results = []
-    for case in cases:
-        try:
-            r = run_case_on_rank(case, steps, warmup)
-        except Exception as e:  # every rank takes the same code path, so all fail alike
-            r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-        r["label"] = case["label"]
-        results.append(r)
-        dist.barrier()
+    results: dict[str, dict] = {}
+    per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
+    for r, n_steps in enumerate(per_round):
+        # passes in alternating order, each case built, warmed up, timed and freed in turn, so
+        # a burst of host slowness lands on a few steps of several cases rather than on all of
+        # one case's steps (the median drops it); memory is measured in the first pass
+        for case in (cases if r % 2 == 0 else cases[::-1]):
+            res = results.setdefault(case["label"], {"label": case["label"], "times": []})
+            if "error" in res or n_steps == 0:
+                continue
+            try:
+                got = run_case_on_rank(case, n_steps, warmup if r == 0 else 1, probe_memory=r == 0)
+            except Exception as e:  # every rank takes the same code path, so all fail alike
+                res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                continue
+            res["times"] += got.pop("times")
+            res["ref_s"] = res.get("ref_s", []) + got.pop("ref_s")
+            res.update(got)
+            dist.barrier()
+    results = [results[c["label"]] for c in cases]
+    for res in results:
+        if "error" not in res:
+            res["step_s"] = statistics.median(res["times"])
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
@@ -308,7 +357,8 @@ def predict(cases: list[Case], clusters: dict, say) -> dict[str, dict]:
     return out
 
 
-def measure(cases: list[Case], preds: dict, steps: int, warmup: int, timeout_s: float, say) -> dict[str, dict]:
+def measure(cases: list[Case], preds: dict, steps: int, warmup: int, rounds: int, timeout_s: float,
+            say) -> dict[str, dict]:
     """Run the cases, one launch of N gloo processes per process count."""
     from autopar.runtime.testing import run_workers
 
@@ -325,7 +375,7 @@ def measure(cases: list[Case], preds: dict, steps: int, warmup: int, timeout_s: 
                            for c in group], f)
             t0 = time.perf_counter()
             try:
-                run_workers(os.path.abspath(__file__), n, ["--worker", cp, op, str(steps), str(warmup)],
+                run_workers(os.path.abspath(__file__), n, ["--worker", cp, op, str(steps), str(warmup), str(rounds)],
                             timeout_s=timeout_s)
                 with open(op) as f:
                     for r in json.load(f):
@@ -338,10 +388,11 @@ def measure(cases: list[Case], preds: dict, steps: int, warmup: int, timeout_s: 
     return results
 
 
-def report(cases: list[Case], preds: dict, meas: dict, min_mem: float) -> None:
-    print(f"\n{'case':<16}{'pred ms':>10}{'meas ms':>10}{'err %':>8}{'spread %':>10}   {'pred MiB':>9}{'meas MiB':>10}"
-          f"{'err %':>8}{'RSS MiB':>9}   predicted compute/comm/bubble ms")
-    P, M, MP, MM = [], [], [], []
+def report(cases: list[Case], preds: dict, meas: dict, min_mem: float, refs: dict[int, float]) -> None:
+    """``refs``: the profile's :func:`profile_reference_s` per process count."""
+    print(f"\n{'case':<16}{'pred ms':>10}{'meas ms':>10}{'err %':>8}{'spread %':>10}{'host %':>8}{'adj %':>7}   "
+          f"{'pred MiB':>9}{'meas MiB':>10}{'err %':>8}{'RSS MiB':>9}   predicted compute/comm/bubble ms")
+    P, M, MP, MM, PA = [], [], [], [], []
     per_model: dict[str, list[tuple[float, float]]] = {}
     for c in cases:
         p, m = preds.get(c.label, {}), meas.get(c.label, {})
@@ -351,6 +402,9 @@ def report(cases: list[Case], preds: dict, meas: dict, min_mem: float) -> None:
             continue
         e = 100 * (p["step_s"] - m["step_s"]) / m["step_s"]
         spread = 100 * (max(m["times"]) - min(m["times"])) / m["step_s"]
+        # host drift: the reference matmul while the case ran over the same at profile time
+        drift = statistics.median(m["ref_s"]) / refs[c.nproc] if m.get("ref_s") and refs.get(c.nproc) else 1.0
+        PA.append(p["step_s"] * drift)
         P.append(p["step_s"])
         M.append(m["step_s"])
         per_model.setdefault(c.model, []).append((p["step_s"], m["step_s"]))
@@ -361,12 +415,16 @@ def report(cases: list[Case], preds: dict, meas: dict, min_mem: float) -> None:
             MM.append(mm)
         else:
             me = f"{'-':>8}"
-        print(f"{c.label:<16}{p['step_s'] * 1e3:10.1f}{m['step_s'] * 1e3:10.1f}{e:8.1f}{spread:10.0f}   "
+        ea = 100 * (PA[-1] - m["step_s"]) / m["step_s"]
+        print(f"{c.label:<16}{p['step_s'] * 1e3:10.1f}{m['step_s'] * 1e3:10.1f}{e:8.1f}{spread:10.0f}"
+              f"{100 * (drift - 1):8.0f}{ea:7.1f}   "
               f"{pm:9.1f}{mm:10.1f}{me}{m.get('rss_bytes', -1) / 2**20:9.1f}"
               f"   {p['compute_s'] * 1e3:.1f}/{p['comm_s'] * 1e3:.1f}/{p['bubble_s'] * 1e3:.1f}")
     if len(P) >= 2:
         print(f"\nstep time over {len(P)} cases: MAPE {mape(P, M):.1f} % (target <= 15), "
               f"Spearman {spearman(P, M):.3f} (target >= 0.9)")
+        print(f"  with host drift taken out (each prediction x the case's host %): MAPE {mape(PA, M):.1f} %, "
+              f"Spearman {spearman(PA, M):.3f} (a diagnostic, not the target)")
         per = {k: spearman([a for a, _ in v], [b for _, b in v]) for k, v in per_model.items() if len(v) >= 3}
         if per:
             print("Spearman across one model's plans: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items()))
@@ -379,25 +437,30 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"only {' '.join(QUICK_CASES)}, fewer steps")
     ap.add_argument("--cases", default="", help="comma-separated model:plan cases (default: all)")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=9, help="timed steps per case, over all rounds")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="passes over the cases; each builds, warms up (1 step after the first pass) and times its share")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", default="", help="reuse this profile JSON instead of profiling now")
     ap.add_argument("--save-profile", default="", help="also keep the profile measured now at this path")
     ap.add_argument("--min-mem-mib", type=float, default=32.0,
                     help="compare peak memory only where the prediction is at least this (smaller is noise)")
-    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.warmup < 2:
         ap.error(f"--warmup must be at least 2, got {args.warmup}: peak memory is measured over the warm-up "
                  "steps (the first creates the optimizer state, the second is a steady step)")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.worker:
-        cp, op, steps, warmup = args.worker
-        worker(cp, op, int(steps), int(warmup))
+        cp, op, steps, warmup, rounds = args.worker
+        worker(cp, op, int(steps), int(warmup), int(rounds))
         return
     started = time.perf_counter()
     say = lambda s: print(s, flush=True)  # noqa: E731
     cases = parse_cases(args.cases.split(",") if args.cases else list(QUICK_CASES if args.quick else FULL_CASES))
     steps = min(args.steps, 4) if args.quick else args.steps
+    rounds = min(args.rounds, steps)
 
     from autopar.cost_model.cluster import cluster_from_profile
     from autopar.cost_model.profiler import profile
@@ -416,12 +479,12 @@ def main(argv=None) -> None:
     clusters = {n: cluster_from_profile(data, n) for n in (1, 2, 4)}
     t_prof = time.perf_counter() - started
     preds = predict(cases, clusters, say)
-    meas = measure(cases, preds, steps, args.warmup, 590, say)
+    meas = measure(cases, preds, steps, args.warmup, rounds, 590, say)
     import torch
 
     print(f"\ncost model accuracy on {os.uname().nodename} ({os.cpu_count()} cores, torch {torch.__version__}); "
-          f"median of {steps} steps after {args.warmup} warm-up; load avg {os.getloadavg()[0]:.1f}")
-    report(cases, preds, meas, args.min_mem_mib)
+          f"median of {steps} steps in {rounds} passes, after {args.warmup} warm-up; load avg {os.getloadavg()[0]:.1f}")
+    report(cases, preds, meas, args.min_mem_mib, {n: profile_reference_s(data, n) for n in (1, 2, 4)})
     print(f"\ntotal {time.perf_counter() - started:.0f} s (profile {t_prof:.0f} s)")
 
 

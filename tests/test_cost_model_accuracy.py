@@ -48,3 +48,10 @@ def test_every_small_model_builds_and_plans_pin_a_full_mesh():
         assert loss_fn(model(*inputs), targets).ndim == 0, name
     for plan, (n, cons) in acc.PLANS.items():
         assert cons["dp"] * cons["tp"] * cons["pp"] == n, plan
+
+
+def test_profile_reference_is_the_profiles_own_largest_square():
+    n = acc.REF_N
+    data = {"profile": {"raw": {"matmul": {"2": {"fp32": [[2.0 * 128 ** 3, 1e-5], [2.0 * n ** 3, 0.012]]}}}}}
+    assert acc.profile_reference_s(data, 2) == 0.012
+    assert acc.profile_reference_s(data, 4) == 0.0  # not profiled: no drift figure, not a wrong one
