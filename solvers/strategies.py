@@ -367,6 +367,14 @@ def _short_target(node: NodeInfo) -> str:
     return node.target.rsplit(".", 1)[-1].split("::")[-1].split(".")[0]
 
 
+def _op_name(node: NodeInfo, ctx: OpContext) -> str:
+    """The op's name: the module's class for a ``call_module`` node (its target is the
+    module's path, e.g. ``stages.0.0.shortcut`` for an ``nn.Identity``), else the target's."""
+    if node.op == "call_module" and ctx.module_type:
+        return ctx.module_type
+    return _short_target(node)
+
+
 def elementwise_rule(node: NodeInfo, ctx: OpContext, degree: int) -> list[AxisOption]:
     """Broadcasting pointwise op: shard any output dim (broadcast operands stay R); sums of
     Partials stay Partial (add/sub), as does scaling a Partial by a constant."""
@@ -384,7 +392,7 @@ def elementwise_rule(node: NodeInfo, ctx: OpContext, degree: int) -> list[AxisOp
         off = nd - len(s)
         in_eqs[i] = "".join(eq[off + d] if s[d] == out[off + d] else "_" for d in range(len(s)))
     opts = _from_einsum(node, ctx, degree, in_eqs, {}, eq, forbid="_", allow_partial_out=False)
-    name = _short_target(node)
+    name = _op_name(node, ctx)
     same = all(ctx.input_specs[i].shape == out for i in ti)
     if (name in _LINEAR_BINARY and same) or (name in _SCALE_UNARY and len(ti) == 1):
         ins = tuple(P if ctx.input_specs[i] is not None else R for i in range(len(node.inputs)))
@@ -481,7 +489,7 @@ def reshape_map(in_shape: Sequence[int], out_shape: Sequence[int]) -> dict[int, 
 
 def _view_dim_map(node: NodeInfo, ctx: OpContext, in_shape: tuple[int, ...]) -> Optional[Callable[[int], Optional[int]]]:
     """A function input dim -> output dim (None: cannot stay sharded), or None if unknown."""
-    name = _short_target(node)
+    name = _op_name(node, ctx)
     nd = len(in_shape)
     out_shape = node.outputs[0].shape if node.outputs else ()
     args = ctx.args[1:] if ctx.args else ()
@@ -581,7 +589,7 @@ def view_rule(node: NodeInfo, ctx: OpContext, degree: int) -> list[AxisOption]:
     if not node.outputs:
         return [replicate_option(node, ctx)]
     ti = _tensor_inputs(node, ctx)
-    name = _short_target(node)
+    name = _op_name(node, ctx)
     if name in ("cat", "concat", "stack"):
         return _cat_options(node, ctx, degree, stack=(name == "stack"))
     if len(ti) != 1:

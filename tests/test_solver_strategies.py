@@ -116,6 +116,24 @@ def test_views_follow_chunk_and_transpose():
     assert outs[Shard(2)] == Shard(1) and outs[Shard(1)] == Shard(2) and outs[P] == P
 
 
+def test_identity_module_passes_shards_through():
+    # a call_module node's target is the module's path ("shortcut"), not its class: the view
+    # rule must read the class, or a ResNet's identity shortcut can only gather the batch
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(8, 8)
+            self.shortcut = nn.Identity()
+
+        def forward(self, x):
+            return self.body(x) + self.shortcut(x)
+
+    g, st, reg, name = _opts(Block(), torch.randn(4, 8), "view")
+    assert g.nodes[name].target == "shortcut"
+    outs = {o.inputs[0]: o.outputs[0] for o in reg.options(g.nodes[name], st.contexts[name], 2)}
+    assert outs[Shard(0)] == Shard(0) and outs[Shard(1)] == Shard(1) and outs[P] == P
+
+
 def test_two_axis_strategies_keep_batch_on_dp():
     g = capture(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)), (torch.randn(4, 8),))
     reg = default_registry()
