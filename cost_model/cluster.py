@@ -366,6 +366,9 @@ def cluster_from_profile(data: Mapping, nproc: int) -> Cluster:
             provenance=Provenance(source=base.provenance.source, date=base.provenance.date,
                                   host=base.provenance.host,
                                   notes=f"rescaled from the {ref}-process measurement to {nproc} processes"))
+    speedup = _shared_speedup(prof, devices, nproc)
+    if speedup:
+        dev = dev.replace(shared_speedup=speedup)
     if nproc == 1:
         link = links[min(links)] if links else None
     else:
@@ -376,6 +379,27 @@ def cluster_from_profile(data: Mapping, nproc: int) -> Cluster:
     return Cluster(name=f"local:{nproc}",
                    groups=(NodeGroup(device=dev, devices_per_node=nproc, num_nodes=1, intra_node_link=link),),
                    inter_node_link=None)
+
+
+def _shared_speedup(prof: Mapping, devices: Mapping[int, DeviceSpec], nproc: int) -> tuple[float, ...]:
+    """DeviceSpec.shared_speedup for ``local:nproc`` from the profile: when only k processes
+    compute, each gets what one of max(k, cores // threads) processes measured (fewer than that
+    leave cores idle, which a process's own threads cannot use), over what one of nproc did.
+    Empty when the processes do not share cores, or the counts needed were not measured."""
+    cores = int(prof.get("cpu_count", 0) or 0)
+    threads = int((prof.get("raw", {}).get("threads", {}) or {}).get(str(nproc), 0) or 0)
+    dev = devices.get(nproc)
+    if dev is None or dev.kind != "cpu" or cores < 1 or threads < 1 or nproc * threads <= cores:
+        return ()
+    base = dev.peak_flops["fp32"]
+    out = []
+    for k in range(1, nproc + 1):
+        ref = devices.get(max(k, cores // threads))
+        if ref is None or ref.kind != "cpu":
+            return ()
+        out.append(max(1.0, ref.peak_flops["fp32"] / base))
+    out[-1] = 1.0
+    return tuple(out)
 
 
 def host_memory_bytes() -> int:

@@ -119,6 +119,12 @@ class DeviceSpec:
         the profiler jointly with the matmul rate over square and skinny shapes; a CPU
         matmul's time is compute + operands / this (:func:`autopar.cost_model.compute.op_time`).
         0 = not fitted: ``memory_bandwidth`` is used.
+      shared_speedup: for one process's share of a host whose processes share cores (``local:N``
+        with more processes than cores): entry k-1 is how much faster the process computes
+        when only k of the N compute at once than when all N do (1.0 at k = N), from the
+        profile's per-process matmul rates. A pipeline's fill and drain leave stages idle, and
+        on such a host the busy ones run faster (:func:`autopar.cost_model.pipeline.shared_host_factor`).
+        Empty: nothing is shared (GPUs, catalog devices).
     """
 
     name: str
@@ -142,6 +148,7 @@ class DeviceSpec:
     optimizer_rates: Mapping[str, float] = field(default_factory=dict)
     first_touch_bandwidth: float = 0.0
     matmul_stream_bandwidth: float = 0.0
+    shared_speedup: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         owner = f"DeviceSpec({self.name!r})"
@@ -165,6 +172,11 @@ class DeviceSpec:
         _check_positive(owner, "node_overhead_s", self.node_overhead_s, allow_zero=True)
         _check_positive(owner, "first_touch_bandwidth", self.first_touch_bandwidth, allow_zero=True)
         _check_positive(owner, "matmul_stream_bandwidth", self.matmul_stream_bandwidth, allow_zero=True)
+        object.__setattr__(self, "shared_speedup", tuple(float(x) for x in self.shared_speedup))
+        for k, v in enumerate(self.shared_speedup, 1):
+            if not (math.isfinite(v) and v >= 1.0):
+                raise ValueError(f"{owner}.shared_speedup[{k - 1}] (speed with {k} processes computing) must be a "
+                                 f"finite number >= 1, got {v!r}")
         for name in ("peak_flops", "matmul_eff_max", "matmul_flops_half"):
             table = getattr(self, name)
             missing = [d for d in DTYPES if d not in table]
@@ -226,7 +238,7 @@ class DeviceSpec:
             "node_overhead_s": self.node_overhead_s, "kernel_rates": dict(self.kernel_rates),
             "optimizer_tensor_overhead_s": dict(self.optimizer_tensor_overhead_s),
             "optimizer_rates": dict(self.optimizer_rates), "first_touch_bandwidth": self.first_touch_bandwidth,
-            "matmul_stream_bandwidth": self.matmul_stream_bandwidth,
+            "matmul_stream_bandwidth": self.matmul_stream_bandwidth, "shared_speedup": list(self.shared_speedup),
             "provenance": self.provenance.to_json(),
         }
 
@@ -237,7 +249,7 @@ class DeviceSpec:
         if unknown:
             raise ValueError(f"DeviceSpec JSON has unknown field(s) {sorted(unknown)}")
         optional = {"cores", "node_overhead_s", "kernel_rates", "optimizer_tensor_overhead_s", "optimizer_rates",
-                    "first_touch_bandwidth", "matmul_stream_bandwidth"}  # have defaults
+                    "first_touch_bandwidth", "matmul_stream_bandwidth", "shared_speedup"}  # have defaults
         missing = [f for f in known if f not in d and f not in optional]
         if missing:
             raise ValueError(f"DeviceSpec JSON for {d.get('name', '?')!r} lacks field(s) {sorted(missing)}")

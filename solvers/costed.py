@@ -34,8 +34,9 @@ import torch.fx as fx
 from autopar.cost_model import memory as mem
 from autopar.cost_model.cluster import Cluster, LinkSpec, axis_link
 from autopar.cost_model.collectives import collective_time
-from autopar.cost_model.compute import kernel_class, node_time, optimizer_step_time
+from autopar.cost_model.compute import BACKWARD_FACTOR, kernel_class, node_time, optimizer_step_time
 from autopar.cost_model.device import DeviceSpec
+from autopar.cost_model.pipeline import shared_host_factor
 from autopar.cost_model.reshard import reshard_cost_multi
 from autopar.graph import Graph, NodeInfo, OpKind, TensorSpec
 from autopar.placements import Partial, Placement, Replicate, Shard
@@ -533,6 +534,9 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
     stretch = 1.0 + max((_link(cluster, mesh, a, table_cache).skew_fraction
                          for a in ("dp", "tp", "pp") if mesh[a] > 1), default=0.0)
     devices = {d.name: d for d in stage_devices}
+    # a pipeline's idle stages give their cores to the busy ones where processes share cores
+    shared = {d.name: shared_host_factor(cand.pp, m, cand.dp * cand.tp, d.shared_speedup, backward_factor=BACKWARD_FACTOR)
+              for d in stage_devices}
     cache = strategy_cache if strategy_cache is not None else {}
 
     def strats(name: str) -> list[Strategy]:
@@ -591,8 +595,8 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
                 # measured runtime per-node overhead and non-matmul kernel rates where the device has them
                 t, b = node_time(flops, moved, elems, dtype, dev, kind, kernel_class(info.kind, info.target),
                                  out_bytes=out_bytes)
-                c_list.append(stretch * (t + b) + out_cost[k])
-                f_list.append(stretch * t)
+                c_list.append(stretch * shared[dname] * (t + b) + out_cost[k])
+                f_list.append(stretch * shared[dname] * t)
             comp[dname] = tuple(c_list)
             fwd[dname] = tuple(f_list)
         saves = kind is not None and info.kind is not OpKind.INPUT

@@ -419,6 +419,38 @@ def test_pipeline_time_matches_bubble():
     assert pipeline_time([t] * p, m, "1f1b", p2p_time=0.01) == pytest.approx((m + p - 1) * t + 2 * 3 * 0.01)
 
 
+def test_shared_host_factor_gives_idle_stages_cores_to_busy_ones():
+    from autopar.cost_model.pipeline import shared_host_factor
+
+    two_cores = (2.0, 2.0, 4 / 3, 1.0)  # 4 one-thread processes on 2 cores: speed with k busy
+    # pp4, 4 microbatches: forward slots have 1,2,3,4,3,2,1 stages busy; the backward ramps up
+    # alike but its drain (3 slots) is priced all-busy (early stages sync and step meanwhile)
+    fwd = 0.5 + 0.5 + 0.75 + 1 + 0.75 + 0.5 + 0.5
+    bwd = 0.5 + 0.5 + 0.75 + 1 + 3
+    assert shared_host_factor(4, 4, 1, two_cores) == pytest.approx((fwd + 2 * bwd) / (3 * 7))
+    # two ranks per stage: one busy stage is already 2 processes
+    assert shared_host_factor(2, 2, 2, two_cores) == pytest.approx((0.5 + 1 + 0.5 + 2 * (0.5 + 1 + 1)) / 9)
+    # nothing shared, or no pipeline: no change
+    assert shared_host_factor(4, 4, 1, ()) == 1.0 and shared_host_factor(1, 4, 4, two_cores) == 1.0
+    # many microbatches: the fill and drain matter less
+    assert shared_host_factor(4, 4, 1, two_cores) < shared_host_factor(4, 32, 1, two_cores) < 1.0
+
+
+def test_shared_speedup_comes_from_the_profile_when_processes_share_cores():
+    def dev(n, gflops):
+        return DeviceSpec(f"local-cpu/{n}", "cpu", "x86_64", {d: gflops * 1e9 for d in DTYPES}, 1 << 30, 1e10,
+                          "none", 0.0, 0, {d: 1.0 for d in DTYPES}, {d: 0.0 for d in DTYPES}, 1.0, 1e-5,
+                          Provenance("measured on test", "2026-11-22")).to_json()
+    prof = {"profile": {"cpu_count": 2, "raw": {"threads": {"1": 2, "2": 1, "3": 1, "4": 1}},
+                        "device_by_nproc": {"1": dev(1, 300), "2": dev(2, 160), "3": dev(3, 100), "4": dev(4, 80)},
+                        "link_by_nproc": {"2": LINK.to_json(), "4": LINK.to_json()}}}
+    # one busy process with one thread still uses one core: the 2-process rate
+    assert cluster_from_profile(prof, 4).groups[0].device.shared_speedup == pytest.approx((2.0, 2.0, 1.25, 1.0))
+    assert cluster_from_profile(prof, 2).groups[0].device.shared_speedup == ()  # one core each: nothing shared
+    with pytest.raises(ValueError, match="shared_speedup"):
+        DeviceSpec.from_json(dict(dev(4, 80), shared_speedup=[0.5, 1.0]))
+
+
 def test_inflight_microbatches():
     assert inflight_microbatches("gpipe", 0, 4, 16) == 16
     assert [inflight_microbatches("1f1b", i, 4, 16) for i in range(4)] == [4, 3, 2, 1]
