@@ -177,7 +177,7 @@ def concurrent_matmul_samples(sizes: Sequence[int], dtypes: Sequence[str], windo
     keeps multiplying for ``window_s`` seconds of wall time, so all processes overlap for the
     whole window (short fixed-repetition loops would drift apart and each run alone).
 
-    A dtype in ``rounds`` (default: fp32, the dtype CPU training runs in, 5 rounds) is swept
+    A dtype in ``rounds`` (default: fp32, the dtype CPU training runs in, 3 rounds) is swept
     that many times, sizes interleaved, and each point is the median over its windows of the
     window's time per call: on a shared host the speed drops in bursts of a second or two
     (seen on the 2-core development VM: 165-350 GFLOP/s in 0.25 s windows of one 512^3 fp32
@@ -185,7 +185,7 @@ def concurrent_matmul_samples(sizes: Sequence[int], dtypes: Sequence[str], windo
     of the figure, as the benchmarks keep it out of a median step time."""
     import torch
 
-    rounds = {"fp32": 5} if rounds is None else rounds
+    rounds = {"fp32": 3} if rounds is None else rounds
     out: dict[str, list[tuple[float, float]]] = {}
     for d in dtypes:
         ops = {}
@@ -716,8 +716,49 @@ def fit_check(samples: dict[str, list], n: int, params: Callable[[str], tuple[fl
 
 # --------------------------------------------------------------------------- worker
 
-def _collective_samples(rank: int, n: int, group, sizes: Sequence[int], device: str, busy_s: float = 0.0) -> dict:
-    """``{kind: [(bytes, seconds), ...]}`` per collective over ``group``.
+#: passes over the collective sizes (:func:`_collective_samples`); each sample is the median
+#: over the passes. One pass's 4 KiB all-reduce after compute came out anywhere from 0.25 to
+#: 1.9 ms in six 2-process profiles on the 2-core VM, and a plan with many small
+#: collectives (sync batch norm: three per layer) was priced on whichever it drew.
+COLLECTIVE_ROUNDS = 3
+
+
+def _collective_fn(kind: str, rank: int, n: int, group, nbytes: int, device: str):
+    """(bytes moved, the call) for one ``kind`` collective of about ``nbytes`` over ``group``."""
+    import torch
+    import torch.distributed as dist
+
+    numel = max(n * n, nbytes // 4 // (n * n) * n * n)  # shards divisible by n (all_to_all)
+    full = torch.ones(numel, device=device)
+    part = torch.ones(numel // n, device=device)
+    if kind == "all_reduce":
+        fn = lambda: dist.all_reduce(full, group=group)  # noqa: E731
+    elif kind == "all_gather":  # all_gather_single replaces all_gather_into_tensor in torch>=2.13
+        ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        fn = lambda: ag(full, part, group=group)  # noqa: E731
+    elif kind == "reduce_scatter":
+        rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        fn = lambda: rs(part, full, group=group)  # noqa: E731
+    elif kind == "all_to_all":
+        a2a_out = torch.empty_like(part)
+        fn = lambda: dist.all_to_all_single(a2a_out, part, group=group)  # noqa: E731
+    elif kind == "broadcast":
+        fn = lambda: dist.broadcast(full, src=0, group=group)  # noqa: E731
+    else:  # send_recv: ping-pong between ranks 0 and 1, one way = half the round trip
+        def fn() -> None:
+            if rank == 0:
+                dist.send(full, dst=1, group=group)
+                dist.recv(full, src=1, group=group)
+            else:
+                dist.recv(full, src=0, group=group)
+                dist.send(full, dst=0, group=group)
+    return numel * 4, fn
+
+
+def _collective_samples(rank: int, n: int, group, sizes: Sequence[int], device: str, busy_s: float = 0.0,
+                        rounds: int = COLLECTIVE_ROUNDS) -> dict:
+    """``{kind: [(bytes, seconds), ...]}`` per collective over ``group``, each the median over
+    ``rounds`` passes over every kind and size (:data:`COLLECTIVE_ROUNDS`).
 
     With ``busy_s`` > 0 (CPU ranks) every call is preceded by about ``busy_s`` of compute
     (:func:`_work_segment`) on every rank and the sample is the time of compute + collective
@@ -733,47 +774,29 @@ def _collective_samples(rank: int, n: int, group, sizes: Sequence[int], device: 
     if busy_s > 0:
         dist.barrier(group=group)
         k_busy = _segment_calls(busy_s, _segment_call_s())
-    out: dict[str, list] = {}
-    for kind in COLLECTIVE_KINDS:
-        if kind == "send_recv" and n != 2:
-            continue
-        rows = []
-        for nbytes in sizes:
-            numel = max(n * n, nbytes // 4 // (n * n) * n * n)  # shards divisible by n (all_to_all)
-            full = torch.ones(numel, device=device)
-            part = torch.ones(numel // n, device=device)
-            if kind == "all_reduce":
-                fn = lambda: dist.all_reduce(full, group=group)
-            elif kind == "all_gather":  # all_gather_single replaces all_gather_into_tensor in torch>=2.13
-                ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-                fn = lambda: ag(full, part, group=group)
-            elif kind == "reduce_scatter":
-                rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-                fn = lambda: rs(part, full, group=group)
-            elif kind == "all_to_all":
-                a2a_out = torch.empty_like(part)
-                fn = lambda: dist.all_to_all_single(a2a_out, part, group=group)
-            elif kind == "broadcast":
-                fn = lambda: dist.broadcast(full, src=0, group=group)
-            else:  # send_recv: ping-pong between ranks 0 and 1, one way = half the round trip
-                def fn() -> None:
-                    if rank == 0:
-                        dist.send(full, dst=1, group=group)
-                        dist.recv(full, src=1, group=group)
-                    else:
-                        dist.recv(full, src=0, group=group)
-                        dist.send(full, dst=0, group=group)
-            reps = 3 if nbytes >= (1 << 20) else 10
-            try:
-                dist.barrier(group=group)
-                t = (_after_compute_time(fn, k_busy, 2 * reps + 1, sync) if k_busy
-                     else _median_time(fn, reps, sync))
-            except (RuntimeError, NotImplementedError) as e:  # backend lacks this collective
-                out[kind] = {"unsupported": str(e).splitlines()[0][:200]}
-                break
-            rows.append((numel * 4, t / 2 if kind == "send_recv" else t))
-        else:
-            out[kind] = rows
+    kinds = [k for k in COLLECTIVE_KINDS if not (k == "send_recv" and n != 2)]
+    calls = {(k, b): _collective_fn(k, rank, n, group, b, device) for k in kinds for b in sizes}
+    times: dict[tuple, list[float]] = {key: [] for key in calls}
+    unsupported: dict[str, str] = {}
+    for _ in range(max(1, rounds)):
+        for kind in kinds:
+            if kind in unsupported:
+                continue
+            for nbytes in sizes:
+                _, fn = calls[(kind, nbytes)]
+                reps = 1 if nbytes >= (1 << 20) else 3  # 3 passes: about the single pass of old
+                try:
+                    dist.barrier(group=group)
+                    t = (_after_compute_time(fn, k_busy, 2 * reps + 1, sync) if k_busy
+                         else _median_time(fn, 2 * reps + 1, sync))
+                except (RuntimeError, NotImplementedError) as e:  # backend lacks this collective
+                    unsupported[kind] = str(e).splitlines()[0][:200]
+                    break
+                times[(kind, nbytes)].append(t / 2 if kind == "send_recv" else t)
+    out: dict[str, list] = {k: {"unsupported": why} for k, why in unsupported.items()}
+    for kind in kinds:
+        if kind not in unsupported:
+            out[kind] = [(calls[(kind, b)][0], statistics.median(times[(kind, b)])) for b in sizes]
     return out
 
 
