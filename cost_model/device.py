@@ -125,6 +125,10 @@ class DeviceSpec:
         profile's per-process matmul rates. A pipeline's fill and drain leave stages idle, and
         on such a host the busy ones run faster (:func:`autopar.cost_model.pipeline.shared_host_factor`).
         Empty: nothing is shared (GPUs, catalog devices).
+      param_overhead_s: seconds autopar's runtime spends per parameter per microbatch beyond
+        its node's and its optimizer step's (DTensor gradient accumulation and sync
+        bookkeeping), measured by the profiler (:func:`autopar.cost_model.profiler.runtime_param_overhead`);
+        0 = not measured.
     """
 
     name: str
@@ -149,6 +153,7 @@ class DeviceSpec:
     first_touch_bandwidth: float = 0.0
     matmul_stream_bandwidth: float = 0.0
     shared_speedup: tuple[float, ...] = ()
+    param_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         owner = f"DeviceSpec({self.name!r})"
@@ -172,6 +177,7 @@ class DeviceSpec:
         _check_positive(owner, "node_overhead_s", self.node_overhead_s, allow_zero=True)
         _check_positive(owner, "first_touch_bandwidth", self.first_touch_bandwidth, allow_zero=True)
         _check_positive(owner, "matmul_stream_bandwidth", self.matmul_stream_bandwidth, allow_zero=True)
+        _check_positive(owner, "param_overhead_s", self.param_overhead_s, allow_zero=True)
         object.__setattr__(self, "shared_speedup", tuple(float(x) for x in self.shared_speedup))
         for k, v in enumerate(self.shared_speedup, 1):
             if not (math.isfinite(v) and v >= 1.0):
@@ -239,6 +245,7 @@ class DeviceSpec:
             "optimizer_tensor_overhead_s": dict(self.optimizer_tensor_overhead_s),
             "optimizer_rates": dict(self.optimizer_rates), "first_touch_bandwidth": self.first_touch_bandwidth,
             "matmul_stream_bandwidth": self.matmul_stream_bandwidth, "shared_speedup": list(self.shared_speedup),
+            "param_overhead_s": self.param_overhead_s,
             "provenance": self.provenance.to_json(),
         }
 
@@ -249,7 +256,8 @@ class DeviceSpec:
         if unknown:
             raise ValueError(f"DeviceSpec JSON has unknown field(s) {sorted(unknown)}")
         optional = {"cores", "node_overhead_s", "kernel_rates", "optimizer_tensor_overhead_s", "optimizer_rates",
-                    "first_touch_bandwidth", "matmul_stream_bandwidth", "shared_speedup"}  # have defaults
+                    "first_touch_bandwidth", "matmul_stream_bandwidth", "shared_speedup",
+                    "param_overhead_s"}  # have defaults
         missing = [f for f in known if f not in d and f not in optional]
         if missing:
             raise ValueError(f"DeviceSpec JSON for {d.get('name', '?')!r} lacks field(s) {sorted(missing)}")

@@ -581,6 +581,77 @@ def _chain_model(k: int):
     return Chain()
 
 
+def _param_chain_model(k: int):
+    import torch
+    from torch import nn
+
+    class ParamChain(nn.Module):
+        """The tanh chain's shape with a parameter in each node: one Linear then ``k`` nodes
+        ``y * w_i`` (``w_i`` of 8 elements), so each node adds one parameter and little work."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.w = nn.ParameterList([nn.Parameter(torch.ones(8)) for _ in range(k)])
+
+        def forward(self, x):
+            y = self.lin(x)
+            for w in self.w:
+                y = y * w
+            return y
+
+    torch.manual_seed(0)
+    return ParamChain()
+
+
+def _alternating_step_s(models: dict, x, target, loss_fn, factory, reps: int, rounds: int, shared: bool,
+                        barrier: Callable[[], None]) -> dict:
+    """Seconds per ``train_step`` of each model, rounds alternating between the models so a
+    host that slows down or speeds up moves them all (one after the other gave 161-265 us per
+    node at 4 ranks on the 2-core VM in three profiles of one afternoon). Fastest round, or
+    with ``shared`` the mean (see :func:`dtensor_op_overhead`)."""
+    for pm in models.values():
+        for _ in range(2):
+            pm.train_step(x, target, loss_fn, factory)
+    per_round: dict = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, pm in models.items():
+            barrier()
+            start = time.perf_counter()
+            for _ in range(reps):
+                pm.train_step(x, target, loss_fn, factory)
+            per_round[k].append((time.perf_counter() - start) / reps)
+    return {k: statistics.fmean(v) if shared else min(v) for k, v in per_round.items()}
+
+
+def runtime_param_overhead(world: int, optimizer_per_tensor_s: float = 0.0, k: int = 24, reps: int = 4,
+                           rounds: int = 5, shared: bool = False, barrier: Callable[[], None] = lambda: None) -> float:
+    """Seconds autopar's runtime spends per parameter per training step beyond its node's and
+    its optimizer step's: the :func:`_param_chain_model` chain against the tanh chain of the
+    same length on a ``world``-rank data-parallel plan, per parameter, less
+    ``optimizer_per_tensor_s`` (SGD's per-tensor step, priced apart).
+
+    Why: in a DTensor plan each parameter's gradient is accumulated through DTensor dispatch
+    (AccumulateGrad) and tracked for its sync; the torch profiler showed 117-155 us of it per
+    parameter per step on GPT dp2/dp4 on the 2-core VM, which no other figure holds."""
+    import torch
+
+    from autopar.graph import capture
+    from autopar.runtime.apply import apply_plan
+    from autopar.runtime.testing import make_plan
+
+    x = torch.randn(4 * world, 8)
+    target = torch.randn(4 * world, 8)
+    loss_fn = lambda out, t: ((out - t) ** 2).mean()  # noqa: E731
+    factory = lambda ps: torch.optim.SGD(ps, lr=1e-3)  # noqa: E731
+    models = {}
+    for name, make in (("tanh", _chain_model), ("param", _param_chain_model)):
+        g = capture(make(k), (x,))
+        models[name] = apply_plan(g, make_plan(g, "dp", world))
+    t = _alternating_step_s(models, x, target, loss_fn, factory, reps, rounds, shared, barrier)
+    return max(0.0, (t["param"] - t["tanh"]) / k - optimizer_per_tensor_s)
+
+
 def runtime_node_overhead(world: int, chain: tuple[int, int] = (4, 24), reps: int = 4, rounds: int = 5,
                           shared: bool = False, barrier: Callable[[], None] = lambda: None) -> float:
     """Seconds per graph node per training step (forward + backward) of autopar's runtime.
@@ -607,43 +678,31 @@ def runtime_node_overhead(world: int, chain: tuple[int, int] = (4, 24), reps: in
         g = capture(_chain_model(k), (x,))
         models[k] = apply_plan(g, make_plan(g, "dp", world))
         nodes[k] = len(g.nodes)
-        for _ in range(2):
-            models[k].train_step(x, target, loss_fn, factory)
-    # the two chains' rounds alternate, so a host that slows down or speeds up during the
-    # measurement moves both and not the slope (one chain after the other gave 161-265 us per
-    # node at 4 ranks on the 2-core VM in three profiles of one afternoon)
-    per_round: dict[int, list[float]] = {k: [] for k in chain}
-    for _ in range(rounds):
-        for k in chain:
-            barrier()
-            start = time.perf_counter()
-            for _ in range(reps):
-                models[k].train_step(x, target, loss_fn, factory)
-            per_round[k].append((time.perf_counter() - start) / reps)
-    times = {k: statistics.fmean(v) if shared else min(v) for k, v in per_round.items()}
+    times = _alternating_step_s(models, x, target, loss_fn, factory, reps, rounds, shared, barrier)
     short, long = chain
     return max(0.0, (times[long] - times[short]) / (nodes[long] - nodes[short]))
 
 
-def _runtime_overhead_solo() -> tuple[Optional[float], str]:
-    """:func:`runtime_node_overhead` for one rank in this process (a 1-rank gloo world made
-    here and torn down), or ``(None, why)`` when it cannot be measured."""
+def _runtime_overhead_solo(optimizer_per_tensor_s: float = 0.0) -> tuple[Optional[float], Optional[float], str]:
+    """:func:`runtime_node_overhead` and :func:`runtime_param_overhead` for one rank in this
+    process (a 1-rank gloo world made here and torn down), or ``(None, None, why)`` when they
+    cannot be measured."""
     try:
         import torch.distributed as dist
         import autopar.runtime.apply  # noqa: F401  (importable standalone?)
     except Exception as e:  # the cost model must work without the runtime
-        return None, f"runtime not importable ({type(e).__name__}: {e})"
+        return None, None, f"runtime not importable ({type(e).__name__}: {e})"
     made = False
     try:
         if dist.is_initialized():
             if dist.get_world_size() != 1:
-                return None, f"a {dist.get_world_size()}-rank process group is already initialised here"
+                return None, None, f"a {dist.get_world_size()}-rank process group is already initialised here"
         else:
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
             made = True
-        return runtime_node_overhead(1), ""
+        return runtime_node_overhead(1), runtime_param_overhead(1, optimizer_per_tensor_s), ""
     except Exception as e:
-        return None, f"runtime measurement failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        return None, None, f"runtime measurement failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
     finally:
         if made:
             dist.destroy_process_group()
@@ -979,7 +1038,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
     device = f"cuda:{rank}" if use_cuda else "cpu"
     cores = os.cpu_count() or 1
     result: dict = {"matmul": {}, "gemm": {}, "stream": {}, "collectives": {}, "threads": {}, "dtensor_overhead": {},
-                    "kernels": {}, "optimizer": {}, "first_touch": {}, "runtime_overhead": {}, "runtime_overhead_error": "", "sync": {}}
+                    "kernels": {}, "optimizer": {}, "first_touch": {}, "runtime_overhead": {}, "param_overhead": {},
+                    "runtime_overhead_error": "", "sync": {}}
     try:
         solo = dist.new_group([0])  # one process with every core: the 1-process runtime's dispatch
         torch.set_num_threads(cores)
@@ -1011,6 +1071,10 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
                         result["runtime_overhead"][n] = runtime_node_overhead(
                             n, chain=(4, 64) if shared else (4, 24), rounds=9 if shared else 5, shared=shared,
                             barrier=lambda: dist.barrier(group=group))
+                        sgd_tensor = (result["optimizer"].get(n) or {}).get("per_tensor_s", {}).get("sgd", 0.0)
+                        result["param_overhead"][n] = runtime_param_overhead(
+                            n, sgd_tensor, k=64 if shared else 24, rounds=9 if shared else 5, shared=shared,
+                            barrier=lambda: dist.barrier(group=group))
                     except Exception as e:  # noqa: BLE001 - recorded; the profile falls back
                         result["runtime_overhead_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 # CPU ranks: collectives measured between bursts of compute, as a step issues them
@@ -1038,7 +1102,8 @@ def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_
                          bandwidth: float, overhead: float, host_link: str, host_bw: float,
                          host_mem: int, cores: int, prov: Provenance, *, node_overhead: float = 0.0,
                          kernels: Optional[dict] = None, optimizer: Optional[dict] = None,
-                         first_touch: float = 0.0, gemm: Optional[Sequence] = None) -> DeviceSpec:
+                         first_touch: float = 0.0, gemm: Optional[Sequence] = None,
+                         param_overhead: float = 0.0) -> DeviceSpec:
     peak, half, eff = {}, {}, {}
     stream = 0.0
     if kind == "cpu" and gemm and "fp32" in samples:
@@ -1068,7 +1133,8 @@ def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_
                       node_overhead_s=node_overhead, kernel_rates=dict(kernels or {}),
                       optimizer_tensor_overhead_s=dict((optimizer or {}).get("per_tensor_s", {})),
                       optimizer_rates=dict((optimizer or {}).get("elements_per_s", {})),
-                      first_touch_bandwidth=first_touch, matmul_stream_bandwidth=stream)
+                      first_touch_bandwidth=first_touch, matmul_stream_bandwidth=stream,
+                      param_overhead_s=param_overhead)
 
 
 def _gemm_fit_note(dev: DeviceSpec) -> str:
@@ -1192,14 +1258,18 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
     cpu_ft = rates["first_touch"]
     raw["first_touch"] = {"1": cpu_ft}
     rt_ovh: dict[str, float] = {}
-    rt_solo, rt_why = _runtime_overhead_solo()
+    par_ovh: dict[str, float] = {}
+    rt_solo, par_solo, rt_why = _runtime_overhead_solo(opt_ovh.get("sgd", 0.0))
     if rt_solo is not None:
         rt_ovh["1"] = rt_solo
+        par_ovh["1"] = par_solo
     if result is not None:
         rt_ovh.update({str(k): v for k, v in result.get("runtime_overhead", {}).items()})
+        par_ovh.update({str(k): v for k, v in result.get("param_overhead", {}).items()})
         if result.get("runtime_overhead_error"):
             rt_why = (rt_why + "; " if rt_why else "") + f"{nproc} ranks: {result['runtime_overhead_error']}"
     raw["runtime_node_overhead"] = rt_ovh
+    raw["runtime_param_overhead"] = par_ovh
     say("kernels (Melem/s fwd/bwd): " + ", ".join(
         f"{k} {cpu_kernels[k + '_fwd'] / 1e6:.0f}/{cpu_kernels[k + '_bwd'] / 1e6:.0f}" for k in KERNELS)
         + f"; conv2d 3x3 GFLOP/s fwd/bwd {cpu_kernels['conv_fwd'] / 1e9:.1f}/{cpu_kernels['conv_bwd'] / 1e9:.1f}"
@@ -1207,7 +1277,20 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
         + ", per element " + ", ".join(f"{k} {v / 1e6:.0f} Melem/s" for k, v in opt_costs["elements_per_s"].items())
         + f"; first touch {cpu_ft / 1e9:.2f} GB/s")
     say("runtime per-node overhead: " + (", ".join(f"{k} proc {v * 1e6:.0f} us" for k, v in sorted(rt_ovh.items()))
-                                         or "not measured") + (f" ({rt_why})" if rt_why else ""))
+                                         or "not measured") + (f" ({rt_why})" if rt_why else "")
+        + ("; per parameter: " + ", ".join(f"{k} proc {v * 1e6:.0f} us" for k, v in sorted(par_ovh.items()))
+           if par_ovh else ""))
+
+    def param_ovh(n: int) -> float:
+        """Runtime per-parameter seconds per step for n processes: measured, or the nearest
+        measured count's figure scaled as the per-node figure scales between the two."""
+        if str(n) in par_ovh:
+            return par_ovh[str(n)]
+        if not par_ovh:
+            return 0.0
+        m = min((int(k) for k in par_ovh), key=lambda k: abs(k - n))
+        node_n, node_m = node_ovh(n)[0], rt_ovh.get(str(m), 0.0)
+        return par_ovh[str(m)] * (node_n / node_m if node_m > 0 and node_n > 0 else 1.0)
 
     def node_ovh(n: int) -> tuple[float, str]:
         """Runtime per-node per-step seconds for n processes, and how it was obtained."""
@@ -1252,7 +1335,8 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
         devices[1] = _device_from_samples(
             "local-cpu/1", "cpu", arch, cpu_mm, mem, cpu_bw, ovh(1), "none", 0.0, 0, cores,
             prov(notes.format(n=1, threads=cores) + f"; node_overhead_s {how}; " + _KERNEL_NOTE),
-            node_overhead=nv, kernels=cpu_kernels, optimizer=opt_costs, first_touch=cpu_ft, gemm=cpu_gemm)
+            node_overhead=nv, kernels=cpu_kernels, optimizer=opt_costs, first_touch=cpu_ft, gemm=cpu_gemm,
+            param_overhead=param_ovh(1))
         say("1 process:" + _gemm_fit_note(devices[1]).lstrip(";"))
 
     links: dict[int, LinkSpec] = {}
@@ -1309,7 +1393,8 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
                     0.0, 0, result["threads"][key],
                     prov(notes.format(n=n, threads=result["threads"][key]) + f"; node_overhead_s {how}; "
                          + _KERNEL_NOTE),
-                    node_overhead=nv, kernels=kern, optimizer=opt_n, first_touch=ft_n, gemm=gemm_n)
+                    node_overhead=nv, kernels=kern, optimizer=opt_n, first_touch=ft_n, gemm=gemm_n,
+                    param_overhead=param_ovh(n))
                 say(f"{n} processes: per-process matmul " + ", ".join(  # measured, as for 1 process
                     f"{d} {max(f / t for f, t in rows) / 1e9:.1f} GFLOP/s" for d, rows in mm.items())
                     + _gemm_fit_note(devices[n]))

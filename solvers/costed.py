@@ -842,6 +842,8 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
             t_opt = optimizer_step_time(shard if z >= 1 else numel, 1, optimizer, dev)
             step += stretch * t_opt if t_opt is not None else (
                 (2 * (ob + pb) + gb) / (dev.memory_bandwidth * dev.memory_bw_efficiency))
+        # the runtime's own per-parameter cost (gradient accumulation through DTensor), measured
+        step += stretch * m * dev.param_overhead_s
     return StateCost(memory, working, overlap, sync, step, host, gather)
 
 

@@ -113,6 +113,9 @@ def test_profile_smoke_two_processes(tmp_path, monkeypatch):
     # skinny GEMMs timed beside the squares, alone and with 2 processes, and fitted with them
     assert len(raw["gemm"]["1"]) == len(raw["gemm"]["2"]) > 0
     assert cluster.groups[0].device.matmul_stream_bandwidth >= 0
+    # the runtime's own per-node and per-parameter costs, alone and on the 2 ranks
+    assert set(raw["runtime_param_overhead"]) == set(raw["runtime_node_overhead"]) == {"1", "2"}
+    assert cluster.groups[0].device.param_overhead_s == raw["runtime_param_overhead"]["2"] >= 0
     # the link carries one measured (alpha, beta) per collective, and the fit is checked
     link = cluster.groups[0].intra_node_link
     assert link.has_fit("all_reduce") and link.has_fit("all_gather")
