@@ -16,10 +16,12 @@ What is measured (all with torch, no ISA-specific code, so it runs on x86 and AR
    ring formulas of :mod:`collectives` (the link-wide pair), and once per collective
    (``LinkSpec.collective_fits``: gloo's algorithms do not all follow the ring formulas);
    ``raw.fit_check`` records predicted vs measured for every sample.
-2. In this process, with every core: matmul wall time per call over a window for square sizes in fp32, bf16, fp16;
-   the fit ``t(F) = t0 + F / rate`` per dtype gives the DeviceSpec efficiency curve
-   (``peak_flops = rate`` as the best sustained matmul rate, ``eff_max = 1``,
-   ``flops_half = t0 * rate``); streaming bandwidth (``out = x + y``); the dispatch cost of a
+2. In this process, with every core: matmul wall time per call over a window for square sizes in fp32, bf16, fp16,
+   and fp32 GEMMs of :data:`GEMM_SHAPES` (skinny, transformer-sized; also per process count in
+   the rank phase); the fit ``t = t0 + F / rate (+ operand bytes / stream)`` per dtype gives
+   the DeviceSpec efficiency curve (``peak_flops = rate`` as the best sustained matmul rate,
+   ``eff_max = 1``, ``flops_half = t0 * rate``; on CPUs fp32 is fitted jointly with the
+   operands' streaming rate, :func:`fit_gemm`, ``matmul_stream_bandwidth``); streaming bandwidth (``out = x + y``); the dispatch cost of a
    one-element op. ``op_overhead_s`` is instead the per-op dispatch cost of DTensor training
    (:func:`dtensor_op_overhead`, measured by the ranks: alone with every core, and n at once
    for ``local:n``), because the runtime executes every node of a plan as DTensor ops: on a
@@ -36,7 +38,8 @@ What is measured (all with torch, no ISA-specific code, so it runs on x86 and AR
    output placement checks, wrapping, autograd): 1.5-2x the DTensor chain's forward + backward
    figure on the 2-core development VM (56 vs 35 us, 1 process). Where
    the runtime cannot be imported or run (the profiler works standalone) it is 0 and
-   ``op_overhead_s`` is charged per op as before. ``kernel_rates``: elements/s of gelu, silu,
+   ``op_overhead_s`` is charged per op as before. ``param_overhead_s``, the runtime's cost per
+   parameter per step beyond its node (:func:`runtime_param_overhead`), is measured alongside. ``kernel_rates``: elements/s of gelu, silu,
    tanh, exp, softmax, layer_norm, add, mul forward and backward (:func:`kernel_rates`), so
    ELEMENTWISE / NORM / SOFTMAX nodes are priced by measurement, not by stream bandwidth
    (transcendentals are compute-bound on a CPU). ``optimizer_tensor_overhead_s`` and

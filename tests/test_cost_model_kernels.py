@@ -120,10 +120,11 @@ def test_profiler_kernel_and_optimizer_measurements_run():
 
 def test_runtime_node_overhead_measured_on_the_runtime():
     from autopar.cost_model.profiler import _runtime_overhead_solo
-    per_node, why = _runtime_overhead_solo()
-    assert per_node is not None, why
+    per_node, per_param, why = _runtime_overhead_solo()
+    assert per_node is not None and per_param is not None, why
     # a DTensor node's forward+backward in the runtime costs microseconds, not nanoseconds or seconds
     assert 1e-6 < per_node < 1e-2, per_node
+    assert 0.0 <= per_param < 1e-2, per_param
 
 
 def test_optimizer_step_time_from_measured_rates():
