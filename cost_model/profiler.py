@@ -612,7 +612,10 @@ def _alternating_step_s(models: dict, x, target, loss_fn, factory, reps: int, ro
     """Seconds per ``train_step`` of each model, rounds alternating between the models so a
     host that slows down or speeds up moves them all (one after the other gave 161-265 us per
     node at 4 ranks on the 2-core VM in three profiles of one afternoon). Fastest round, or
-    with ``shared`` the mean (see :func:`dtensor_op_overhead`)."""
+    with ``shared`` the median round: each round's mean over its steps holds the time slices
+    a process waits for the others, as a training step does, and the median over rounds
+    leaves out a burst of host slowness (the mean over rounds gave 135-288 us per node at 4
+    ranks in six profiles of one afternoon)."""
     for pm in models.values():
         for _ in range(2):
             pm.train_step(x, target, loss_fn, factory)
@@ -624,7 +627,7 @@ def _alternating_step_s(models: dict, x, target, loss_fn, factory, reps: int, ro
             for _ in range(reps):
                 pm.train_step(x, target, loss_fn, factory)
             per_round[k].append((time.perf_counter() - start) / reps)
-    return {k: statistics.fmean(v) if shared else min(v) for k, v in per_round.items()}
+    return {k: statistics.median(v) if shared else min(v) for k, v in per_round.items()}
 
 
 def runtime_param_overhead(world: int, optimizer_per_tensor_s: float = 0.0, k: int = 24, reps: int = 4,

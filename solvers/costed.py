@@ -535,7 +535,8 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
                          for a in ("dp", "tp", "pp") if mesh[a] > 1), default=0.0)
     devices = {d.name: d for d in stage_devices}
     # a pipeline's idle stages give their cores to the busy ones where processes share cores
-    shared = {d.name: shared_host_factor(cand.pp, m, cand.dp * cand.tp, d.shared_speedup, backward_factor=BACKWARD_FACTOR)
+    shared = {d.name: shared_host_factor(cand.pp, m, cand.dp * cand.tp, d.shared_speedup, cand.virtual_stages,
+                                         backward_factor=BACKWARD_FACTOR)
               for d in stage_devices}
     cache = strategy_cache if strategy_cache is not None else {}
 
@@ -546,7 +547,9 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
         return cache[key]
 
     configs = tuple(c for c in STATE_CONFIGS if _config_allowed(c, cand.dp, allowed, devices))
-    key = (cand.dp, cand.tp, cand.pp, m, tuple(sorted(devices)), precision, optimizer, allowed)
+    # node costs depend on the schedule's virtual stages only through the shared-host factor
+    key = (cand.dp, cand.tp, cand.pp, m, tuple(sorted(devices)), precision, optimizer, allowed,
+           tuple(sorted(shared.items())))
     if table_cache is not None and key in table_cache:
         nodes, edges = table_cache[key]
         return _finish(struct, cluster, cand, nodes, edges, configs, stage_devices, reserve_fraction, devices,
