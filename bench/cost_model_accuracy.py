@@ -233,7 +233,7 @@ def run_case_on_rank(case: dict, steps: int, warmup: int, probe_memory: bool) ->
         times.append(time.perf_counter() - t0)
     refs = [None] * dist.get_world_size()
     dist.all_gather_object(refs, ref)
-    out: dict = {"times": times, "local_param_bytes": local, "ref_s": [statistics.fmean(refs)]}
+    out: dict = {"times": times, "local_param_bytes": local, "ref_s": statistics.fmean(refs)}
     if probe_memory:
         rss = local + max(0, _proc_status("VmHWM") - base) if reset_ok else -1
         mem = [None] * dist.get_world_size()
@@ -263,8 +263,10 @@ def host_reference_s(barrier, window_s: float = 0.2) -> float:
 
 def profile_reference_s(data: dict, n: int) -> float:
     """The profile's seconds per ``REF_N``^3 fp32 matmul with ``n`` processes (0: not there)."""
+    from autopar.cost_model.profiler import square_side
+
     rows = data.get("profile", {}).get("raw", {}).get("matmul", {}).get(str(n), {}).get("fp32", [])
-    return next((t for f, t in rows if round((f / 2) ** (1 / 3)) == REF_N), 0.0)
+    return next((t for f, t in rows if square_side(f) == REF_N), 0.0)
 
 
 def _warm_process(ws: int) -> None:
@@ -307,7 +309,7 @@ def worker(cases_path: str, out_path: str, steps: int, warmup: int, rounds: int)
         # a burst of host slowness lands on a few steps of several cases rather than on all of
         # one case's steps (the median drops it); memory is measured in the first pass
         for case in (cases if r % 2 == 0 else cases[::-1]):
-            res = results.setdefault(case["label"], {"label": case["label"], "times": []})
+            res = results.setdefault(case["label"], {"label": case["label"], "times": [], "ref_s": []})
             if "error" in res or n_steps == 0:
                 continue
             try:
@@ -316,7 +318,7 @@ def worker(cases_path: str, out_path: str, steps: int, warmup: int, rounds: int)
                 res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 continue
             res["times"] += got.pop("times")
-            res["ref_s"] = res.get("ref_s", []) + got.pop("ref_s")
+            res["ref_s"].append(got.pop("ref_s"))
             res.update(got)
             dist.barrier()
     results = [results[c["label"]] for c in cases]

@@ -217,6 +217,11 @@ def gemm_samples(shapes: Sequence[tuple[int, int, int]], window_s: float, barrie
     return [(m, k, n, t[(m, k, n)]) for m, k, n in shapes]
 
 
+def square_side(flops: float) -> int:
+    """n of the square ``(n x n) @ (n x n)`` product of ``flops`` FLOPs (2 n^3)."""
+    return round((flops / 2) ** (1 / 3))
+
+
 def gemm_bytes(m: int, k: int, n: int, itemsize: int = 4) -> int:
     """Bytes of a ``(m x k) @ (k x n)`` product's operands and result."""
     return itemsize * (m * k + k * n + m * n)
@@ -1114,7 +1119,7 @@ def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_
     stream = 0.0
     if kind == "cpu" and gemm and "fp32" in samples:
         # fp32: arithmetic and operand streaming fitted jointly over squares and GEMM_SHAPES
-        pts = [(f, gemm_bytes(*[round((f / 2) ** (1 / 3))] * 3), t) for f, t in samples["fp32"]]
+        pts = [(f, gemm_bytes(*[square_side(f)] * 3), t) for f, t in samples["fp32"]]
         pts += [(2.0 * m * k * n, gemm_bytes(m, k, n), t) for m, k, n, t in gemm]
         t0, rate, stream = fit_gemm(pts)
         peak["fp32"], half["fp32"], eff["fp32"] = rate, t0 * rate, 1.0
@@ -1124,7 +1129,7 @@ def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_
         if kind == "cpu":  # the operand streaming is priced apart on a CPU (compute.op_time)
             size = _torch_dtype(d).itemsize
             bw = stream or bandwidth
-            rows = [(f, max(0.5 * t, t - 3 * (f / 2) ** (2 / 3) * size / bw)) for f, t in rows]
+            rows = [(f, max(0.5 * t, t - gemm_bytes(*[square_side(f)] * 3, size) / bw)) for f, t in rows]
         t0, rate = fit_overhead_rate(rows)
         peak[d], half[d], eff[d] = rate, t0 * rate, 1.0
     # tf32 is fp32 on CPUs; dtypes not measured fall back to fp32 (stated in provenance notes)
@@ -1287,17 +1292,6 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
         + ("; per parameter: " + ", ".join(f"{k} proc {v * 1e6:.0f} us" for k, v in sorted(par_ovh.items()))
            if par_ovh else ""))
 
-    def param_ovh(n: int) -> float:
-        """Runtime per-parameter seconds per step for n processes: measured, or the nearest
-        measured count's figure scaled as the per-node figure scales between the two."""
-        if str(n) in par_ovh:
-            return par_ovh[str(n)]
-        if not par_ovh:
-            return 0.0
-        m = min((int(k) for k in par_ovh), key=lambda k: abs(k - n))
-        node_n, node_m = node_ovh(n)[0], rt_ovh.get(str(m), 0.0)
-        return par_ovh[str(m)] * (node_n / node_m if node_m > 0 and node_n > 0 else 1.0)
-
     def node_ovh(n: int) -> tuple[float, str]:
         """Runtime per-node per-step seconds for n processes, and how it was obtained."""
         if str(n) in rt_ovh:
@@ -1311,6 +1305,17 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
             return ratio * dt_ovh[str(n)], (f"DTensor tanh-chain figure x runtime/DTensor ratio {ratio:.2f} "
                                             f"measured at {m} process(es)")
         return 0.0, "not measured" + (f" ({rt_why})" if rt_why else "") + ": op_overhead_s per op is used"
+
+    def param_ovh(n: int) -> float:
+        """Runtime per-parameter seconds per step for n processes: measured, or the nearest
+        measured count's figure scaled as the per-node figure scales between the two."""
+        if str(n) in par_ovh:
+            return par_ovh[str(n)]
+        if not par_ovh:
+            return 0.0
+        m = min((int(k) for k in par_ovh), key=lambda k: abs(k - n))
+        node_n, node_m = node_ovh(n)[0], rt_ovh.get(str(m), 0.0)
+        return par_ovh[str(m)] * (node_n / node_m if node_m > 0 and node_n > 0 else 1.0)
 
     def ovh(n: int) -> float:
         """Per-op cost for n processes: the DTensor dispatch the runtime pays, where measured."""

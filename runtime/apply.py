@@ -297,7 +297,7 @@ def _masked_partial_as_partial(t: DTensor, want) -> DTensor:
     pls = list(t.placements)
     idx = [i for i, (p, w) in enumerate(zip(pls, want))
            if p.is_partial() and type(p) is not DPartial and hasattr(p, "mask_buffer")
-           and isinstance(w, DPartial) and type(w) is DPartial and w.reduce_op == p.reduce_op]
+           and type(w) is DPartial and w.reduce_op == p.reduce_op]
     if not idx:
         return t
     local = t.to_local(grad_placements=[DReplicate() if i in idx else p for i, p in enumerate(pls)])
@@ -519,16 +519,22 @@ class Executor:
             self.fallbacks[s.node] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             return _replicated_fallback(fn, args, kwargs, self.mesh)
 
+    def _placed(self, out, want):
+        """``out`` redistributed to the plan's placements ``want``. A vocab-parallel
+        embedding's MaskPartial becomes a plain Partial where that is wanted; any other special
+        partial is redistributed with its gradient made ``want`` first (:class:`_GradAs`)."""
+        if not isinstance(out, DTensor) or tuple(out.placements) == tuple(want):
+            return out
+        out = _masked_partial_as_partial(out, want)
+        special = any(p.is_partial() and type(p) is not DPartial for p in out.placements)
+        out = out.redistribute(self.mesh, want)
+        return _GradAs.apply(out, tuple(want)) if special else out
+
     def _make_outputs(self, s: NodeStep, out):
         if isinstance(out, torch.Tensor):
             out = self.wrap(out, (_R, _R))
-            want = _dt(s.outputs[0]) if s.outputs else None
-            if want is not None and isinstance(out, DTensor) and tuple(out.placements) != tuple(want):
-                out = _masked_partial_as_partial(out, want)
-                special = any(p.is_partial() and type(p) is not DPartial for p in out.placements)
-                out = out.redistribute(self.mesh, want)
-                if special:
-                    out = _GradAs.apply(out, tuple(want))
+            if s.outputs:
+                out = self._placed(out, _dt(s.outputs[0]))
             if isinstance(out, DTensor) and out.requires_grad:
                 # DTensor's backward of a view (unflatten, flatten) calls view() on the local
                 # gradient shard, which fails when that shard is strided (it arrives transposed
@@ -537,13 +543,7 @@ class Executor:
             return out
         if isinstance(out, (tuple, list)) and len(out) == len(s.outputs) and all(
                 isinstance(o, torch.Tensor) for o in out):
-            res = []
-            for o, pl in zip(out, s.outputs):
-                o = self.wrap(o, (_R, _R))
-                want = _dt(pl)
-                if isinstance(o, DTensor) and tuple(o.placements) != tuple(want):
-                    o = _masked_partial_as_partial(o, want)
-                res.append(o.redistribute(self.mesh, want) if tuple(o.placements) != tuple(want) else o)
+            res = [self._placed(self.wrap(o, (_R, _R)), _dt(pl)) for o, pl in zip(out, s.outputs)]
             return type(out)(res) if isinstance(out, tuple) else res
         return out
 

@@ -100,7 +100,7 @@ class GraphStructure:
         that splits the batch into microbatches cannot give one device's numbers."""
         return tuple(n for n, c in self.contexts.items()
                      if self.graph.nodes[n].kind is OpKind.NORM
-                     and ("batchnorm" in c.module_type.lower() or "batch_norm" in self.graph.nodes[n].target))
+                     and (c.batch_norm_module or "batch_norm" in self.graph.nodes[n].target))
 
     def has_grad(self, node: str, spec: TensorSpec) -> bool:
         return spec.dtype.startswith(("float", "bfloat")) and self.needs_grad.get(node, True)
@@ -573,7 +573,7 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
             nbytes = spec.numel * _elem_bytes(spec, precision) / (m if batched else 1)
             want_grad = out_want if struct.has_grad(u, spec) else None
             out_cost = [_edge_cost(nbytes, st.outputs[0], out_want, want_grad, mesh, links) for st in ss]
-        if "batchnorm" in struct.contexts[u].module_type.lower():
+        if struct.contexts[u].batch_norm_module:
             out_cost = [c + _sync_batch_norm_s(struct.contexts[u], st, mesh, links)
                         for c, st in zip(out_cost, ss)]
         for dname, dev in devices.items():

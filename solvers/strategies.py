@@ -79,6 +79,12 @@ class OpContext:
     kwargs: dict = field(default_factory=dict)
     module_type: str = ""  # class name for call_module nodes
 
+    @property
+    def batch_norm_module(self) -> bool:
+        """A BatchNorm module: with its batch sharded, the runtime all-reduces its statistic
+        sums (autopar.runtime.sync_batch_norm), which the cost model prices."""
+        return "batchnorm" in self.module_type.lower()
+
 
 Rule = Callable[[NodeInfo, OpContext, int], list[AxisOption]]
 
@@ -293,7 +299,7 @@ def attention_rule(node: NodeInfo, ctx: OpContext, degree: int) -> list[AxisOpti
 
 def _reduce_dims_norm(node: NodeInfo, ctx: OpContext, ndim: int) -> set[int]:
     target = node.target.lower()
-    if "batchnorm" in ctx.module_type.lower():
+    if ctx.batch_norm_module:
         # a BatchNorm module: the batch may shard, the runtime all-reduces the per-channel
         # statistic sums (runtime/sync_batch_norm.py: one device's numbers, C floats a
         # collective); space may not
@@ -324,7 +330,7 @@ def norm_rule(node: NodeInfo, ctx: OpContext, degree: int) -> list[AxisOption]:
     param_eqs = {}
     for j, ps in enumerate(ctx.param_specs):
         k = len(ps.shape)
-        if "batch" in node.target.lower() or "batchnorm" in ctx.module_type.lower():
+        if "batch" in node.target.lower() or ctx.batch_norm_module:
             param_eqs[j] = eq[1] if nd > 1 and k == 1 else None
         else:
             param_eqs[j] = eq[nd - k:] if k <= nd else None
