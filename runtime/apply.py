@@ -58,6 +58,7 @@ from torch.distributed.tensor import Shard as DShard
 from autopar.graph import Graph, capture
 from autopar.placements import Replicate as _Rep
 from autopar.placements import to_dtensor_placement
+from autopar.placements import check_mesh
 from autopar.plan import Plan
 from autopar.runtime import sync_batch_norm as sync_bn
 from autopar.runtime.mesh import RankMesh, build_mesh
@@ -1070,13 +1071,16 @@ def _init_from_owner(module: nn.Module, fqn: str, seed: int, cache: dict) -> tor
 
 
 def apply_plan(graph_or_module: Graph | nn.Module, plan: Plan, *, example_inputs=None,
-               device: torch.device | str | None = None, seed: int | None = None) -> ParallelModule:
+               device: torch.device | str | None = None, seed: int | None = None,
+               mesh: RankMesh | None = None) -> ParallelModule:
     """Build this rank's :class:`ParallelModule` for ``plan`` (call on every rank).
 
     ``graph_or_module``: a captured Graph, or a module (then ``example_inputs``, one global batch,
     are needed to capture it). ``seed`` initialises meta-device weights (see :func:`materialize`);
-    real weights are used as they are. Raises :class:`RuntimeRefusal` for plans it cannot run
-    exactly, naming the node or parameter at fault.
+    real weights are used as they are. ``mesh``: a :class:`RankMesh` already built for the plan's
+    degrees (``build_mesh(..., ranks=...)`` runs a plan on part of the world); by default the
+    whole world. Raises :class:`RuntimeRefusal` for plans it cannot run exactly, naming the node
+    or parameter at fault.
     """
     if isinstance(graph_or_module, Graph):
         graph = graph_or_module
@@ -1099,7 +1103,9 @@ def apply_plan(graph_or_module: Graph | nn.Module, plan: Plan, *, example_inputs
                 f"with the statistics of the batch it sees; with {plan.pipeline.num_microbatches} microbatches "
                 f"each sees 1/{plan.pipeline.num_microbatches} of it, which is not one device's result: re-plan "
                 f"with num_microbatches=1 (no pipeline), or put the model in eval() mode")
-    rmesh = build_mesh(plan.mesh, device)
+    if mesh is not None and dict(mesh.degrees) != check_mesh(dict(plan.mesh)):
+        raise ValueError(f"apply_plan: mesh degrees {dict(mesh.degrees)} are not the plan's {dict(plan.mesh)}")
+    rmesh = mesh if mesh is not None else build_mesh(plan.mesh, device)
     if rmesh.device.type != "cpu":
         held = [p.name for p in plan.params if "params" in p.offload]
         if held:

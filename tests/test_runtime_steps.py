@@ -197,3 +197,48 @@ def test_run_model_trains_and_reports_measured_vs_predicted(tmp_path):
     assert rep["mesh"] == {"pp": 1, "dp": 2, "tp": 1} and rep["steps"] == 3
     assert rep["measured_step_s"] > 0 and rep["measured_peak_bytes"] > 0
     assert "predicted_step_s" in rep and "predicted_peak_bytes" in rep
+
+
+def test_a_plan_runs_on_part_of_the_world_with_one_process_numbers(tmp_path):
+    """``build_mesh(ranks=...)`` + ``apply_plan(mesh=...)``: a dp2 plan on ranks 0 and 1 of a
+    3-rank world trains as one process does while rank 2 sits out (the profiler times the
+    runtime at 2 processes this way inside its 4-process launch)."""
+    from autopar.runtime.testing import run_workers
+
+    script = tmp_path / "w.py"
+    script.write_text(textwrap.dedent("""
+        import torch, torch.distributed as dist
+        from autopar.graph import capture
+        from autopar.runtime.apply import apply_plan
+        from autopar.runtime.mesh import build_mesh, init_distributed
+        from autopar.runtime.testing import make_plan
+        init_distributed("cpu")
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        x, y = torch.randn(8, 8), torch.randn(8, 4)
+        g = capture(model, (x,))
+        try:
+            build_mesh({"dp": 2}, "cpu", ranks=[0, 0])
+        except ValueError as e:
+            assert "distinct ranks" in str(e), e
+        else:
+            raise AssertionError("a repeated rank was accepted")
+        rmesh = build_mesh({"dp": 2}, "cpu", ranks=[0, 1])
+        if rmesh is None:
+            print("outside")
+        else:
+            pm = apply_plan(g, make_plan(g, "dp", 2), mesh=rmesh)
+            loss_fn = lambda o, t: ((o - t) ** 2).mean()
+            losses = [pm.train_step(x, y, loss_fn, lambda ps: torch.optim.SGD(ps, lr=0.1)).item()
+                      for _ in range(3)]
+            ref = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+            ref.load_state_dict(model.state_dict())
+            opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+            for want in losses:
+                opt.zero_grad(); loss = loss_fn(ref(x), y); loss.backward(); opt.step()
+                torch.testing.assert_close(torch.tensor(want), loss.detach())
+            print("exact", rmesh.coords["dp"])
+        dist.barrier()
+    """))
+    out = run_workers(str(script), 3, timeout_s=120)
+    assert [o.strip() for o in out] == ["exact 0", "exact 1", "outside"]
