@@ -102,20 +102,24 @@ _KERNEL_BY_NAME: tuple[tuple[str, str], ...] = (
 
 def kernel_class(node_kind: str, target: str) -> "str | None":
     """Which measured kernel prices a graph node: ``node_kind`` is the NodeInfo's ``OpKind``
-    value, ``target`` its target name (``"torch.nn.functional.gelu"``, ``"ln_1"`` for a
-    LayerNorm module ...). NORM nodes are ``layer_norm``, SOFTMAX ``softmax``; ELEMENTWISE nodes
-    by name (transcendental ops by their function, ``mul``-like, else ``add``); CONV ``conv``
-    (priced by FLOPs on the measured convolution fit); other kinds None (the roofline)."""
+    value, ``target`` its target name (``"torch.nn.functional.gelu"``; for a module node its
+    class name, ``"BatchNorm2d"``, or else its path). NORM nodes are ``batch_norm`` (the name
+    says batch norm) or ``layer_norm``, SOFTMAX ``softmax``, POOL ``max_pool`` for max
+    pooling; ELEMENTWISE nodes by name (transcendental ops by their function, ``mul``-like,
+    else ``add``); CONV ``conv`` (priced by FLOPs on the measured convolution fit); other
+    kinds None (the roofline)."""
     k = str(getattr(node_kind, "value", node_kind)).lower()
+    name = str(target).lower()
     if k == "conv":
         return "conv"
+    if k == "pool":  # max pooling keeps indices and is not stream-bound; average pooling is
+        return "max_pool" if "max" in name else None
     if k not in _KERNEL_KINDS:
         return None
     if k == "norm":
-        return "layer_norm"
+        return "batch_norm" if "batch" in name else "layer_norm"
     if k == "softmax":
         return "softmax"
-    name = str(target).lower()
     for frag, kernel in _KERNEL_BY_NAME:
         if frag in name and not (frag == "norm" and k == "elementwise" and "normal" in name):
             return kernel

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import socket
 import statistics
@@ -351,7 +352,8 @@ def host_copy_bandwidth(numel: int = 1 << 24) -> float:
 
 #: Kernels whose throughput the profiler measures (elements/s, fwd and bwd), as the cost model
 #: prices ELEMENTWISE / NORM / SOFTMAX nodes on a measured device (see compute.kernel_class).
-KERNELS: tuple[str, ...] = ("gelu", "silu", "tanh", "exp", "softmax", "layer_norm", "add", "mul")
+KERNELS: tuple[str, ...] = ("gelu", "silu", "tanh", "exp", "softmax", "layer_norm", "add", "mul",
+                            "batch_norm", "max_pool")
 KERNEL_SHAPE: tuple[int, int] = (512, 1024)  # 2 MiB fp32: a GPT MLP activation of the small models
 #: (batch, channels in, channels out, height = width, kernel, stride) of the measured
 #: convolutions: a strided 1x1 shortcut, a 3x3 of the small ResNet the benchmarks run, and a
@@ -371,6 +373,15 @@ def _kernel_fn(name: str, width: int):
         return lambda x: F.layer_norm(x, (width,), w, b)
     if name == "softmax":
         return lambda x: torch.softmax(x, dim=-1)
+    if name in ("batch_norm", "max_pool"):  # on 32 channels of 32 x 32 images (ResNet-like)
+        def image(x):
+            hw = 32 if x.numel() >= 32 ** 3 else max(1, math.isqrt(x.numel() // 32))
+            return x.reshape(-1)[: x.numel() // (32 * hw * hw) * 32 * hw * hw].view(-1, 32, hw, hw)
+        if name == "max_pool":  # the torchvision ResNet stem's window; keeps indices for backward
+            return lambda x: F.max_pool2d(image(x), 3, 2, 1)
+        w, b = torch.ones(32, requires_grad=True), torch.zeros(32, requires_grad=True)
+        mean, var = torch.zeros(32), torch.ones(32)
+        return lambda x: F.batch_norm(image(x), mean, var, w, b, training=True)
     if name == "add":
         return lambda x: x + x
     if name == "mul":
@@ -394,7 +405,6 @@ def kernel_rates(shape: tuple[int, int] = KERNEL_SHAPE, device: str = "cpu", rep
     import torch
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    numel = shape[0] * shape[1]
     out: dict[str, float] = {}
 
     def per_call(fn, chain: int = chain, reps: int = reps) -> float:
@@ -414,10 +424,11 @@ def kernel_rates(shape: tuple[int, int] = KERNEL_SHAPE, device: str = "cpu", rep
     for name in kernels:
         f = _kernel_fn(name, shape[1])
         x = torch.randn(*shape, device=device, requires_grad=True)
-        out[f"{name}_fwd"] = numel / per_call(lambda: f(x))
         y = f(x)
+        n_out = y.numel()  # rates per output element, as node_time prices them
+        out[f"{name}_fwd"] = n_out / per_call(lambda: f(x))
         gy = torch.randn_like(y)
-        out[f"{name}_bwd"] = numel / per_call(lambda: torch.autograd.grad(y, x, gy, retain_graph=True))
+        out[f"{name}_bwd"] = n_out / per_call(lambda: torch.autograd.grad(y, x, gy, retain_graph=True))
     if conv:
         out.update(_conv_rates(device, per_call))
     return out
@@ -636,7 +647,8 @@ def _alternating_step_s(models: dict, x, target, loss_fn, factory, reps: int, ro
 
 
 def runtime_param_overhead(world: int, optimizer_per_tensor_s: float = 0.0, k: int = 24, reps: int = 4,
-                           rounds: int = 5, shared: bool = False, barrier: Callable[[], None] = lambda: None) -> float:
+                           rounds: int = 5, shared: bool = False, barrier: Callable[[], None] = lambda: None,
+                           mesh=None) -> float:
     """Seconds autopar's runtime spends per parameter per training step beyond its node's and
     its optimizer step's: the :func:`_param_chain_model` chain against the tanh chain of the
     same length on a ``world``-rank data-parallel plan, per parameter, less
@@ -644,7 +656,8 @@ def runtime_param_overhead(world: int, optimizer_per_tensor_s: float = 0.0, k: i
 
     Why: in a DTensor plan each parameter's gradient is accumulated through DTensor dispatch
     (AccumulateGrad) and tracked for its sync; the torch profiler showed 117-155 us of it per
-    parameter per step on GPT dp2/dp4 on the 2-core VM, which no other figure holds."""
+    parameter per step on GPT dp2/dp4 on the 2-core VM, which no other figure holds.
+    ``mesh``: as for :func:`runtime_node_overhead`."""
     import torch
 
     from autopar.graph import capture
@@ -658,18 +671,19 @@ def runtime_param_overhead(world: int, optimizer_per_tensor_s: float = 0.0, k: i
     models = {}
     for name, make in (("tanh", _chain_model), ("param", _param_chain_model)):
         g = capture(make(k), (x,))
-        models[name] = apply_plan(g, make_plan(g, "dp", world))
+        models[name] = apply_plan(g, make_plan(g, "dp", world), mesh=mesh)
     t = _alternating_step_s(models, x, target, loss_fn, factory, reps, rounds, shared, barrier)
     return max(0.0, (t["param"] - t["tanh"]) / k - optimizer_per_tensor_s)
 
 
 def runtime_node_overhead(world: int, chain: tuple[int, int] = (4, 24), reps: int = 4, rounds: int = 5,
-                          shared: bool = False, barrier: Callable[[], None] = lambda: None) -> float:
+                          shared: bool = False, barrier: Callable[[], None] = lambda: None, mesh=None) -> float:
     """Seconds per graph node per training step (forward + backward) of autopar's runtime.
 
     Captures a chain of K tanh nodes (:func:`_chain_model`) at two K, applies a ``world``-rank
-    data-parallel plan (``autopar.runtime.apply.apply_plan``, the initialised default process
-    group must have ``world`` ranks) and times ``train_step``; the slope over the node count is
+    data-parallel plan (``autopar.runtime.apply.apply_plan``: on ``mesh``, a ``RankMesh`` of
+    ``world`` ranks from ``build_mesh(..., ranks=...)``, or the initialised default process
+    group, which must then have ``world`` ranks) and times ``train_step``; the slope over the node count is
     what one more node costs the real runtime (fx interpretation, DTensor wrapping, input and
     output redistribution checks, autograd), with the tanh itself negligible on a 4x8 tensor.
     Fastest of ``rounds`` rounds, or with ``shared`` the mean (see :func:`dtensor_op_overhead`).
@@ -687,7 +701,7 @@ def runtime_node_overhead(world: int, chain: tuple[int, int] = (4, 24), reps: in
     models, nodes = {}, {}
     for k in chain:
         g = capture(_chain_model(k), (x,))
-        models[k] = apply_plan(g, make_plan(g, "dp", world))
+        models[k] = apply_plan(g, make_plan(g, "dp", world), mesh=mesh)
         nodes[k] = len(g.nodes)
     times = _alternating_step_s(models, x, target, loss_fn, factory, reps, rounds, shared, barrier)
     short, long = chain
@@ -924,63 +938,85 @@ def _work_segment(k: int) -> None:
 _SEGMENT_OPERANDS: dict = {}
 
 
-def sync_costs(group, n: int, segments_s: tuple[float, ...] = (0.002, 0.012), reps: int = 15,
-               small_bytes: int = 1 << 12, big_bytes: int = 1 << 22) -> dict:
-    """What a collective costs ranks that also compute, measured in place (CPU ranks).
+def _med_time(fn: Callable[[], None], reps: int, barrier: Callable[[], None], each_barrier: bool = False) -> float:
+    """Median seconds of ``fn`` over ``reps`` calls after one warm-up and a barrier (medians: on
+    the 2-core VM means of 21 calls gave skew 0.60 and 1.03 in two profiles of 4 ranks a minute
+    apart, medians of 15 gave 0.30 and 0.25)."""
+    samples = []
+    fn()
+    barrier()
+    for _ in range(reps):
+        if each_barrier:
+            barrier()
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
 
-    Idle ranks (:func:`_collective_samples`) see the link alone. In a training step every rank
-    computes between collectives; ranks that share cores and time slices (or are just noisy)
-    then arrive apart, and the early ones wait. Per compute length S in ``segments_s``, all
-    ranks at once: ``T_both(S)`` = median of (S of small matmuls + a ``small_bytes``
-    all-reduce), ``T_work(S)`` = median of the matmuls alone, ``T_idle`` = the all-reduce's
-    cost after ``IN_PLACE_BUSY_S`` of compute (how the link's fits are measured); the extra
-    wait is ``T_both - T_work - T_idle``; summed over the lengths and the ranks, over the
-    work summed likewise, it gives ``skew_fraction`` (wait per second of work). The constant
-    part of the wait is already in the link's fits (measured after the same kind of compute);
-    ``sync_s`` is instead what the runtime adds to every reshard collective: a DTensor
-    ``redistribute`` over the bare collective it issues (:func:`_redistribute_overhead`).
-    ``overlap_efficiency``: a ``big_bytes`` all-reduce started async, then about as much
-    compute, then the wait: ``(T_work + T_coll - T_both) / min(T_work, T_coll)``, clipped to
-    [0, 1] (1 = the collective hid behind the compute). Every figure pools all ranks'
-    samples (gathered), so one rank's luck does not decide it. Returns the figures and the
-    raw samples."""
+
+def skew_points(group, segments_s: tuple[float, ...] = (0.002, 0.012), reps: int = 15,
+                small_bytes: int = 1 << 12) -> list[tuple[float, float]]:
+    """One round of the in-place skew measurement of :func:`sync_costs` on this rank: per
+    compute length S, ``(T_work, extra wait)`` with the wait ``T_both - T_work - T_idle``
+    (see there). Every rank of ``group`` calls it at once."""
     import torch
     import torch.distributed as dist
 
     def barrier() -> None:
         dist.barrier(group=group)
 
-    # calibrate the matmul rate with every rank computing, as in the measurement
-    barrier()
+    barrier()  # calibrate the matmul rate with every rank computing, as in the measurement
     per_call = _segment_call_s(100)
     small = torch.ones(max(1, small_bytes // 4))
-    big = torch.ones(max(1, big_bytes // 4))
-
-    def med(fn: Callable[[], None], each_barrier: bool = False) -> float:
-        # medians: on the 2-core VM means of 21 calls gave skew 0.60 and 1.03 in two profiles
-        # of 4 ranks a minute apart, medians of 15 gave 0.30 and 0.25
-        samples = []
-        fn()
-        barrier()
-        for _ in range(reps):
-            if each_barrier:
-                barrier()
-            t = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t)
-        return statistics.median(samples)
-
     # the reference: the same all-reduce after IN_PLACE_BUSY_S of compute, as the link's fits
-    # are measured (_collective_samples), so sync_s is only what the fits do not already hold
+    # are measured (_collective_samples), so only the wait beyond what the fits hold counts
     k_ref = _segment_calls(IN_PLACE_BUSY_S, per_call)
-    t_idle = max(0.0, med(lambda: (_work_segment(k_ref), dist.all_reduce(small, group=group)))
-                 - med(lambda: _work_segment(k_ref)))
+    t_idle = max(0.0, _med_time(lambda: (_work_segment(k_ref), dist.all_reduce(small, group=group)), reps, barrier)
+                 - _med_time(lambda: _work_segment(k_ref), reps, barrier))
     points = []
     for seg in segments_s:
         k = _segment_calls(seg, per_call)
-        t_work = med(lambda: _work_segment(k))
-        t_both = med(lambda: (_work_segment(k), dist.all_reduce(small, group=group)))
+        t_work = _med_time(lambda: _work_segment(k), reps, barrier)
+        t_both = _med_time(lambda: (_work_segment(k), dist.all_reduce(small, group=group)), reps, barrier)
         points.append((t_work, max(0.0, t_both - t_work - t_idle)))
+    return points
+
+
+def sync_costs(group, n: int, reps: int = 15, big_bytes: int = 1 << 22,
+               earlier_skew: Sequence[list] = ()) -> dict:
+    """What a collective costs ranks that also compute, measured in place (CPU ranks).
+
+    Idle ranks (:func:`_collective_samples`) see the link alone. In a training step every rank
+    computes between collectives; ranks that share cores and time slices (or are just noisy)
+    then arrive apart, and the early ones wait. Per compute length S, all ranks at once
+    (:func:`skew_points`): ``T_both(S)`` = median of (S of small matmuls + a small
+    all-reduce), ``T_work(S)`` = median of the matmuls alone, ``T_idle`` = the all-reduce's
+    cost after ``IN_PLACE_BUSY_S`` of compute (how the link's fits are measured); the extra
+    wait is ``T_both - T_work - T_idle``; summed over the lengths and the ranks, over the
+    work summed likewise, it gives one round's wait per second of work. ``skew_fraction`` is
+    the median over this call's round and the ``earlier_skew`` rounds (this rank's
+    :func:`skew_points` taken earlier in the profile: a round lasts under a second, and on
+    the 2-core VM single rounds at 4 ranks read 0.14-2.22 over fifteen profiles, as host
+    slowdowns came and went). The constant part of the wait is already in the link's fits
+    (measured after the same kind of compute); ``sync_s`` is instead what the runtime adds to
+    every reshard collective: a DTensor ``redistribute`` over the bare collective it issues
+    (:func:`_redistribute_overhead`). ``overlap_efficiency``: a ``big_bytes`` all-reduce
+    started async, then about as much compute, then the wait:
+    ``(T_work + T_coll - T_both) / min(T_work, T_coll)``, clipped to [0, 1] (1 = the
+    collective hid behind the compute). Every figure pools all ranks' samples (gathered), so
+    one rank's luck does not decide it. Returns the figures and the raw samples."""
+    import torch
+    import torch.distributed as dist
+
+    def barrier() -> None:
+        dist.barrier(group=group)
+
+    def med(fn: Callable[[], None], each_barrier: bool = False) -> float:
+        return _med_time(fn, reps, barrier, each_barrier)
+
+    rounds = [list(r) for r in earlier_skew] + [skew_points(group, reps=reps)]
+    per_call = _segment_call_s(100)
+    big = torch.ones(max(1, big_bytes // 4))
     t_coll = med(lambda: dist.all_reduce(big, group=group), each_barrier=True)
     k = _segment_calls(t_coll, per_call)
     t_work = med(lambda: _work_segment(k))
@@ -990,22 +1026,23 @@ def sync_costs(group, n: int, segments_s: tuple[float, ...] = (0.002, 0.012), re
         _work_segment(k)
         w.wait()
     t_ovl = med(overlapped)
-    t_dtensor = _redistribute_overhead(group, k_ref, med)
-    mine = {"points": points, "t_idle": t_idle, "t_coll": t_coll, "t_work": t_work, "t_overlap": t_ovl,
-            "t_dtensor": t_dtensor}
+    t_dtensor = _redistribute_overhead(group, _segment_calls(IN_PLACE_BUSY_S, per_call), med)
+    mine = {"rounds": rounds, "t_coll": t_coll, "t_work": t_work, "t_overlap": t_ovl, "t_dtensor": t_dtensor}
     every: list = [None] * n
     dist.all_gather_object(every, mine, group=group)
-    # one ratio over every rank's points: the wait per second of work. A line (slope and
-    # intercept) through the points traded one against the other from profile to profile on
-    # the 2-core VM (4 ranks: 0.02 + 4.7 ms, then 0.19 + 0.3 ms); the constant part of a
+    # per round one ratio over every rank's points: the wait per second of work. A line (slope
+    # and intercept) through the points traded one against the other from profile to profile
+    # on the 2-core VM (4 ranks: 0.02 + 4.7 ms, then 0.19 + 0.3 ms); the constant part of a
     # collective's cost is already in the link's fits, measured after the same kind of compute.
-    frac = (sum(y for r in every for _, y in r["points"]) / max(1e-12, sum(x for r in every for x, _ in r["points"])))
+    fracs = [sum(y for r in every for _, y in r["rounds"][i])
+             / max(1e-12, sum(x for r in every for x, _ in r["rounds"][i])) for i in range(len(rounds))]
     effs = []
     for r in every:
         hidden = r["t_work"] + r["t_coll"] - r["t_overlap"]
         effs.append(min(1.0, max(0.0, hidden / max(1e-12, min(r["t_work"], r["t_coll"])))))
     dtensor = [r["t_dtensor"] for r in every if r["t_dtensor"] is not None]
-    return {"skew_fraction": frac, "sync_s": statistics.fmean(dtensor) if dtensor else 0.0, "overlap_efficiency": statistics.fmean(effs),
+    return {"skew_fraction": statistics.median(fracs), "skew_rounds": fracs,
+            "sync_s": statistics.fmean(dtensor) if dtensor else 0.0, "overlap_efficiency": statistics.fmean(effs),
             "samples": every}
 
 
@@ -1030,6 +1067,16 @@ def _redistribute_overhead(group, k: int, med: Callable) -> Optional[float]:
     t_redist = med(lambda: (_work_segment(k), x.redistribute(mesh, [Replicate()]).to_local().sum()))
     t_plain = med(lambda: (_work_segment(k), gather(out, local, group=group), out.sum()))
     return max(0.0, t_redist - t_plain)
+
+
+def _runtime_mesh(n: int, device: str):
+    """autopar's ``RankMesh`` for a dp plan on ranks 0..n-1 (``None`` on the others, or on every
+    rank when the runtime is not importable: the cost model must work without it)."""
+    try:
+        from autopar.runtime.mesh import build_mesh
+    except Exception:  # noqa: BLE001 - the same outcome on every rank, so no rank waits alone
+        return None
+    return build_mesh({"dp": n}, device, ranks=list(range(n)))
 
 
 def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> None:
@@ -1059,9 +1106,14 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
         dist.barrier()
         for n in range(2, world + 1):
             group = dist.new_group(list(range(n)))
+            # the runtime is timed at 2 and at the whole world (other counts scale from the
+            # nearest); its mesh on ranks 0..n-1 is made by every rank (making groups is collective)
+            rmesh = _runtime_mesh(n, device) if n in (2, world) and not use_cuda else None
             threads = max(1, cores // n)
             torch.set_num_threads(threads)
             if rank < n:
+                # CPU ranks: the in-place skew is taken in rounds spread over this phase
+                skew = [skew_points(group)] if not use_cuda else []
                 if not use_cuda:  # concurrent compute only matters when processes share cores
                     result["matmul"][n] = concurrent_matmul_samples(
                         cfg["sizes"], cfg["dtypes"], cfg["window_s"], lambda: dist.barrier(group=group))
@@ -1073,7 +1125,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
                         result[key][n] = rates[key]
                 dist.barrier(group=group)  # all n dispatch at once: they share the cores as in a run
                 result["dtensor_overhead"][n] = dtensor_op_overhead(group, device, shared=n > cores)
-                if n == world and not use_cuda:  # the runtime's mesh spans the whole world
+                if rmesh is not None:
                     try:
                         # sharing cores, processes lose whole time slices: a longer chain and
                         # more rounds keep the slope above that noise (4 ranks on the 2-core VM
@@ -1081,18 +1133,21 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
                         shared = n > cores
                         result["runtime_overhead"][n] = runtime_node_overhead(
                             n, chain=(4, 64) if shared else (4, 24), rounds=9 if shared else 5, shared=shared,
-                            barrier=lambda: dist.barrier(group=group))
+                            barrier=lambda: dist.barrier(group=group), mesh=rmesh)
                         sgd_tensor = (result["optimizer"].get(n) or {}).get("per_tensor_s", {}).get("sgd", 0.0)
                         result["param_overhead"][n] = runtime_param_overhead(
                             n, sgd_tensor, k=64 if shared else 24, rounds=9 if shared else 5, shared=shared,
-                            barrier=lambda: dist.barrier(group=group))
+                            barrier=lambda: dist.barrier(group=group), mesh=rmesh)
                     except Exception as e:  # noqa: BLE001 - recorded; the profile falls back
-                        result["runtime_overhead_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                        why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                        result["runtime_overhead_error"] += f"{n} ranks: {why}; "
+                if not use_cuda:
+                    skew.append(skew_points(group))
                 # CPU ranks: collectives measured between bursts of compute, as a step issues them
                 result["collectives"][n] = _collective_samples(rank, n, group, cfg["coll_bytes"], device,
                                                                busy_s=0.0 if use_cuda else IN_PLACE_BUSY_S)
                 if not use_cuda:
-                    result["sync"][n] = sync_costs(group, n)
+                    result["sync"][n] = sync_costs(group, n, earlier_skew=skew)
                 result["threads"][n] = threads
             dist.barrier()
         if rank == 0:
@@ -1278,7 +1333,7 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
         rt_ovh.update({str(k): v for k, v in result.get("runtime_overhead", {}).items()})
         par_ovh.update({str(k): v for k, v in result.get("param_overhead", {}).items()})
         if result.get("runtime_overhead_error"):
-            rt_why = (rt_why + "; " if rt_why else "") + f"{nproc} ranks: {result['runtime_overhead_error']}"
+            rt_why = (rt_why + "; " if rt_why else "") + result["runtime_overhead_error"].rstrip("; ")
     raw["runtime_node_overhead"] = rt_ovh
     raw["runtime_param_overhead"] = par_ovh
     say("kernels (Melem/s fwd/bwd): " + ", ".join(
@@ -1300,7 +1355,7 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
         # chain's figure at n by the runtime/DTensor ratio measured at the nearest n
         have = [int(k) for k in rt_ovh if dt_ovh.get(k, 0) > 0]
         if have and dt_ovh.get(str(n), 0) > 0:
-            m = min(have, key=lambda k: abs(k - n))
+            m = min(have, key=lambda k: (abs(k - n), -k))  # a tie: the larger count shares cores more alike
             ratio = rt_ovh[str(m)] / dt_ovh[str(m)]
             return ratio * dt_ovh[str(n)], (f"DTensor tanh-chain figure x runtime/DTensor ratio {ratio:.2f} "
                                             f"measured at {m} process(es)")
@@ -1313,7 +1368,7 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
             return par_ovh[str(n)]
         if not par_ovh:
             return 0.0
-        m = min((int(k) for k in par_ovh), key=lambda k: abs(k - n))
+        m = min((int(k) for k in par_ovh), key=lambda k: (abs(k - n), -k))
         node_n, node_m = node_ovh(n)[0], rt_ovh.get(str(m), 0.0)
         return par_ovh[str(m)] * (node_n / node_m if node_m > 0 and node_n > 0 else 1.0)
 

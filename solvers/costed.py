@@ -145,13 +145,24 @@ def _fx_context(graph: Graph, info: NodeInfo, fx_node: Optional[fx.Node]) -> OpC
     kwargs = {k: strip(v) for k, v in fx_node.kwargs.items()} if fx_node is not None else {}
     if multi and info.target.endswith("getitem"):
         kwargs["_multi_output"] = True
-    mtype = ""
-    if fx_node is not None and fx_node.op == "call_module":
-        try:
-            mtype = type(graph.gm.get_submodule(fx_node.target)).__name__
-        except AttributeError:
-            mtype = ""
-    return OpContext(tuple(specs), pspecs, args, kwargs, mtype)
+    return OpContext(tuple(specs), pspecs, args, kwargs, _module_type(graph, info))
+
+
+def _kernel_of(graph: Graph, info) -> "str | None":
+    """The measured kernel that prices ``info`` (:func:`kernel_class`), told by its module's
+    class for a module node (ResNet's ``pool`` is a MaxPool2d, ``stem.1`` a BatchNorm2d)."""
+    return kernel_class(info.kind, _module_type(graph, info) or info.target)
+
+
+def _module_type(graph: Graph, info) -> str:
+    """Class name of a call_module node's module ("" for other nodes): a module node's target
+    is its path ("stem.1"), which does not say what it computes."""
+    if info.op != "call_module":
+        return ""
+    try:
+        return type(graph.gm.get_submodule(info.target)).__name__
+    except AttributeError:
+        return ""
 
 
 def _relative(name_target: str, block: str) -> str:
@@ -596,7 +607,7 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
                     if p in g.params:
                         moved += _local(g.params[p], pl, mesh, False, 1, precision)
                 # measured runtime per-node overhead and non-matmul kernel rates where the device has them
-                t, b = node_time(flops, moved, elems, dtype, dev, kind, kernel_class(info.kind, info.target),
+                t, b = node_time(flops, moved, elems, dtype, dev, kind, _kernel_of(g, info),
                                  out_bytes=out_bytes)
                 c_list.append(stretch * shared[dname] * (t + b) + out_cost[k])
                 f_list.append(stretch * shared[dname] * t)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from autopar.cost_model import DeviceSpec
 from autopar.cost_model.catalog import device as get_device
@@ -46,6 +47,10 @@ def test_devicespec_new_fields_default_round_trip_and_old_json():
     (OpKind.NORM, "h.0.ln_1", "layer_norm"),
     (OpKind.SOFTMAX, "torch.softmax", "softmax"),
     (OpKind.CONV, "layer1.0.conv1", "conv"),
+    (OpKind.NORM, "BatchNorm2d", "batch_norm"),
+    (OpKind.NORM, "torch.nn.functional.batch_norm", "batch_norm"),
+    (OpKind.POOL, "MaxPool2d", "max_pool"),
+    (OpKind.POOL, "torch.nn.functional.adaptive_avg_pool2d", None),
     (OpKind.LINEAR, "h.0.mlp.c_fc", None),
     (OpKind.VIEW, "transpose", None),
 ])
@@ -177,3 +182,27 @@ def test_unmeasured_process_count_shares_the_measured_rates():
     assert dev4.optimizer_rates["adam"] == pytest.approx(4e8)
     assert dev4.first_touch_bandwidth == pytest.approx(2e9)
     assert dev4.node_overhead_s == pytest.approx(6e-5)
+
+
+def test_module_nodes_are_priced_by_their_class():
+    """A module node's target is its path ("pool", "stem.1"): the solver finds the measured
+    kernel by the module's class, so ResNet's max pool and batch norms get their own rates."""
+    from autopar.graph import capture
+    from autopar.solvers.costed import _kernel_of
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+            self.pool = torch.nn.MaxPool2d(3, 2, 1)
+            self.ln = torch.nn.LayerNorm(8)
+
+        def forward(self, x):
+            y = torch.nn.functional.adaptive_avg_pool2d(self.pool(self.stem(x)), 1).flatten(1)
+            return self.ln(y)
+
+    g = capture(Net(), (torch.randn(2, 3, 8, 8),))
+    got = {n.target: _kernel_of(g, n) for n in g.nodes.values() if n.op == "call_module"}
+    assert got == {"stem.0": "conv", "stem.1": "batch_norm", "pool": "max_pool", "ln": "layer_norm"}
+    avg = [n for n in g.nodes.values() if "adaptive_avg_pool2d" in n.target]
+    assert len(avg) == 1 and _kernel_of(g, avg[0]) is None
