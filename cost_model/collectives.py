@@ -58,11 +58,12 @@ def tree_all_reduce_time(nbytes: float, n: int, link: LinkSpec) -> float:
 
 def collective_time(kind: str, nbytes: float, n: int, link: LinkSpec, algorithm: str = "auto") -> float:
     """Seconds for one collective of ``kind`` on a tensor of ``nbytes`` (full size) over
-    ``n`` ranks joined by ``link``. ``n == 1`` costs 0."""
+    ``n`` ranks joined by ``link``: the alpha-beta time plus the link's per-call ``sync_s``
+    and ``stall_s`` (both 0 on catalog links). ``n == 1`` costs 0."""
     _check(kind, nbytes, n)
     if n == 1 or nbytes == 0:
         return 0.0
-    return link.sync_s + _alpha_beta_time(kind, nbytes, n, link, algorithm)
+    return link.sync_s + link.stall_s + _alpha_beta_time(kind, nbytes, n, link, algorithm)
 
 
 def _alpha_beta_time(kind: str, nbytes: float, n: int, link: LinkSpec, algorithm: str) -> float:

@@ -129,6 +129,10 @@ class DeviceSpec:
         its node's and its optimizer step's (DTensor gradient accumulation and sync
         bookkeeping), measured by the profiler (:func:`autopar.cost_model.profiler.runtime_param_overhead`);
         0 = not measured.
+      param_overhead_local_s: the same for a parameter whose gradient no collective
+        synchronises (dp = 1 and not replicated over tp: a pipeline stage's own), measured on
+        one-rank meshes running side by side; 4 processes on the 2-core VM: 50-167 us against
+        250-340 us with a dp sync. 0 = not measured: ``param_overhead_s`` is used.
     """
 
     name: str
@@ -154,6 +158,7 @@ class DeviceSpec:
     matmul_stream_bandwidth: float = 0.0
     shared_speedup: tuple[float, ...] = ()
     param_overhead_s: float = 0.0
+    param_overhead_local_s: float = 0.0
 
     def __post_init__(self) -> None:
         owner = f"DeviceSpec({self.name!r})"
@@ -178,6 +183,7 @@ class DeviceSpec:
         _check_positive(owner, "first_touch_bandwidth", self.first_touch_bandwidth, allow_zero=True)
         _check_positive(owner, "matmul_stream_bandwidth", self.matmul_stream_bandwidth, allow_zero=True)
         _check_positive(owner, "param_overhead_s", self.param_overhead_s, allow_zero=True)
+        _check_positive(owner, "param_overhead_local_s", self.param_overhead_local_s, allow_zero=True)
         object.__setattr__(self, "shared_speedup", tuple(float(x) for x in self.shared_speedup))
         for k, v in enumerate(self.shared_speedup, 1):
             if not (math.isfinite(v) and v >= 1.0):
@@ -245,7 +251,7 @@ class DeviceSpec:
             "optimizer_tensor_overhead_s": dict(self.optimizer_tensor_overhead_s),
             "optimizer_rates": dict(self.optimizer_rates), "first_touch_bandwidth": self.first_touch_bandwidth,
             "matmul_stream_bandwidth": self.matmul_stream_bandwidth, "shared_speedup": list(self.shared_speedup),
-            "param_overhead_s": self.param_overhead_s,
+            "param_overhead_s": self.param_overhead_s, "param_overhead_local_s": self.param_overhead_local_s,
             "provenance": self.provenance.to_json(),
         }
 
@@ -257,7 +263,7 @@ class DeviceSpec:
             raise ValueError(f"DeviceSpec JSON has unknown field(s) {sorted(unknown)}")
         optional = {"cores", "node_overhead_s", "kernel_rates", "optimizer_tensor_overhead_s", "optimizer_rates",
                     "first_touch_bandwidth", "matmul_stream_bandwidth", "shared_speedup",
-                    "param_overhead_s"}  # have defaults
+                    "param_overhead_s", "param_overhead_local_s"}  # have defaults
         missing = [f for f in known if f not in d and f not in optional]
         if missing:
             raise ValueError(f"DeviceSpec JSON for {d.get('name', '?')!r} lacks field(s) {sorted(missing)}")

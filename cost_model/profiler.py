@@ -39,10 +39,12 @@ What is measured (all with torch, no ISA-specific code, so it runs on x86 and AR
    figure on the 2-core development VM (56 vs 35 us, 1 process). Where
    the runtime cannot be imported or run (the profiler works standalone) it is 0 and
    ``op_overhead_s`` is charged per op as before. ``param_overhead_s``, the runtime's cost per
-   parameter per step beyond its node (:func:`runtime_param_overhead`), is measured alongside. ``kernel_rates``: elements/s of gelu, silu,
-   tanh, exp, softmax, layer_norm, add, mul forward and backward (:func:`kernel_rates`), so
-   ELEMENTWISE / NORM / SOFTMAX nodes are priced by measurement, not by stream bandwidth
-   (transcendentals are compute-bound on a CPU). ``optimizer_tensor_overhead_s`` and
+   parameter per step beyond its node (:func:`runtime_param_overhead`), is measured alongside,
+   and ``param_overhead_local_s``, the same without a gradient sync (one-rank meshes side by
+   side). ``kernel_rates``: elements/s of gelu, silu, tanh, exp, softmax, layer_norm, add, mul,
+   batch_norm and max_pool forward and backward (:func:`kernel_rates`, per output element), so
+   ELEMENTWISE / NORM / SOFTMAX / max POOL nodes are priced by measurement, not by stream
+   bandwidth (transcendentals are compute-bound on a CPU). ``optimizer_tensor_overhead_s`` and
    ``optimizer_rates``: a single-tensor Adam / SGD step's per-tensor and per-element cost
    (:func:`optimizer_step_costs`). ``first_touch_bandwidth``: the page-fault cost of writing
    freshly mapped memory (:func:`first_touch_bandwidth`), charged on every byte a node
@@ -623,15 +625,16 @@ def _param_chain_model(k: int):
     return ParamChain()
 
 
-def _alternating_step_s(models: dict, x, target, loss_fn, factory, reps: int, rounds: int, shared: bool,
+def _alternating_step_s(models: dict, x, target, loss_fn, factory, reps: int, rounds: int,
                         barrier: Callable[[], None]) -> dict:
-    """Seconds per ``train_step`` of each model, rounds alternating between the models so a
-    host that slows down or speeds up moves them all (one after the other gave 161-265 us per
-    node at 4 ranks on the 2-core VM in three profiles of one afternoon). Fastest round, or
-    with ``shared`` the median round: each round's mean over its steps holds the time slices
-    a process waits for the others, as a training step does, and the median over rounds
-    leaves out a burst of host slowness (the mean over rounds gave 135-288 us per node at 4
-    ranks in six profiles of one afternoon)."""
+    """Seconds per ``train_step`` of each model: the median over ``rounds`` rounds of the mean
+    over ``reps`` steps, rounds alternating between the models so a host that slows down or
+    speeds up moves them all (one after the other gave 161-265 us per node at 4 ranks on the
+    2-core VM in three profiles of one afternoon). A round's mean holds the time slices a
+    process waits for the others, as a training step does; the median over rounds leaves out
+    a burst of host slowness. (The fastest round, which this once used without shared cores,
+    gave a 2-rank slope of 37-120 us per node in four back-to-back measurements; the median
+    of 9 rounds over a 64-node chain 90-124.)"""
     for pm in models.values():
         for _ in range(2):
             pm.train_step(x, target, loss_fn, factory)
@@ -643,69 +646,87 @@ def _alternating_step_s(models: dict, x, target, loss_fn, factory, reps: int, ro
             for _ in range(reps):
                 pm.train_step(x, target, loss_fn, factory)
             per_round[k].append((time.perf_counter() - start) / reps)
-    return {k: statistics.median(v) if shared else min(v) for k, v in per_round.items()}
+    return {k: statistics.median(v) for k, v in per_round.items()}
 
 
-def runtime_param_overhead(world: int, optimizer_per_tensor_s: float = 0.0, k: int = 24, reps: int = 4,
-                           rounds: int = 5, shared: bool = False, barrier: Callable[[], None] = lambda: None,
-                           mesh=None) -> float:
+class RuntimeProbe:
+    """autopar's runtime timed on tiny data-parallel plans, built once and timed in blocks.
+
+    * per node: a chain of K tanh nodes (:func:`_chain_model`) at two K; the slope of
+      ``train_step`` over the node count is what one more node costs the real runtime (fx
+      interpretation, DTensor wrapping, input and output placement checks, autograd), the
+      tanh itself negligible on a 4x8 tensor;
+    * per parameter: the :func:`_param_chain_model` chain (one parameter per node) against the
+      tanh chain of the same length, per parameter. In a DTensor plan each parameter's
+      gradient is accumulated through DTensor dispatch (AccumulateGrad) and tracked for its
+      sync; the torch profiler showed 117-155 us of it per parameter per step on GPT dp2/dp4
+      on the 2-core VM, which no other figure holds;
+    * the same per parameter on ``own_mesh``, a one-rank mesh per process (no gradient sync),
+      when given.
+
+    ``mesh``: a ``RankMesh`` of ``world`` ranks (``build_mesh(..., ranks=...)``), or None for
+    the initialised default process group, which must then have ``world`` ranks. Raises
+    ImportError when the runtime is not importable (the profiler then falls back)."""
+
+    def __init__(self, world: int, mesh=None, own_mesh=None, chain: tuple[int, int] = (4, 64)) -> None:
+        import torch
+
+        from autopar.graph import capture
+        from autopar.runtime.apply import apply_plan
+        from autopar.runtime.testing import make_plan
+
+        self.world, self.chain = world, chain
+        self.x = torch.randn(4 * world, 8)
+        self.target = torch.randn(4 * world, 8)
+
+        def build(make, k: int, n: int, on):
+            g = capture(make(k), (self.x[: 4 * n],))
+            return apply_plan(g, make_plan(g, "dp", n), mesh=on), len(g.nodes)
+
+        short, long = chain
+        self.models, self.nodes = {}, {}
+        for key, make, k in (("short", _chain_model, short), ("long", _chain_model, long),
+                             ("param", _param_chain_model, long)):
+            self.models[key], self.nodes[key] = build(make, k, world, mesh)
+        self.own = {}
+        if own_mesh is not None:
+            self.own = {key: build(make, long, 1, own_mesh)[0]
+                        for key, make in (("long", _chain_model), ("param", _param_chain_model))}
+
+    def block(self, reps: int = 4, rounds: int = 9, barrier: Callable[[], None] = lambda: None
+              ) -> tuple[float, float, Optional[float]]:
+        """``(per node, per parameter, per parameter without a sync or None)`` seconds per step,
+        each at least 0; the optimizer's per-tensor cost is still in the two per-parameter
+        figures (the caller takes it out). Median of ``rounds`` rounds (:func:`_alternating_step_s`)."""
+        import torch
+
+        loss_fn = lambda out, t: ((out - t) ** 2).mean()  # noqa: E731
+        factory = lambda ps: torch.optim.SGD(ps, lr=1e-3)  # noqa: E731
+        t = _alternating_step_s(self.models, self.x, self.target, loss_fn, factory, reps, rounds, barrier)
+        short, long = self.chain
+        node = max(0.0, (t["long"] - t["short"]) / (self.nodes["long"] - self.nodes["short"]))
+        param = max(0.0, (t["param"] - t["long"]) / long)
+        local = None
+        if self.own:
+            o = _alternating_step_s(self.own, self.x[:4], self.target[:4], loss_fn, factory, reps, rounds, barrier)
+            local = max(0.0, (o["param"] - o["long"]) / long)
+        return node, param, local
+
+
+def runtime_node_overhead(world: int, chain: tuple[int, int] = (4, 64), reps: int = 4, rounds: int = 9,
+                          barrier: Callable[[], None] = lambda: None, mesh=None) -> float:
+    """Seconds per graph node per training step (forward + backward) of autopar's runtime
+    (:class:`RuntimeProbe`), the median of ``rounds`` rounds."""
+    return RuntimeProbe(world, mesh, chain=chain).block(reps, rounds, barrier)[0]
+
+
+def runtime_param_overhead(world: int, optimizer_per_tensor_s: float = 0.0, k: int = 64, reps: int = 4,
+                           rounds: int = 9, barrier: Callable[[], None] = lambda: None, mesh=None) -> float:
     """Seconds autopar's runtime spends per parameter per training step beyond its node's and
-    its optimizer step's: the :func:`_param_chain_model` chain against the tanh chain of the
-    same length on a ``world``-rank data-parallel plan, per parameter, less
-    ``optimizer_per_tensor_s`` (SGD's per-tensor step, priced apart).
-
-    Why: in a DTensor plan each parameter's gradient is accumulated through DTensor dispatch
-    (AccumulateGrad) and tracked for its sync; the torch profiler showed 117-155 us of it per
-    parameter per step on GPT dp2/dp4 on the 2-core VM, which no other figure holds.
-    ``mesh``: as for :func:`runtime_node_overhead`."""
-    import torch
-
-    from autopar.graph import capture
-    from autopar.runtime.apply import apply_plan
-    from autopar.runtime.testing import make_plan
-
-    x = torch.randn(4 * world, 8)
-    target = torch.randn(4 * world, 8)
-    loss_fn = lambda out, t: ((out - t) ** 2).mean()  # noqa: E731
-    factory = lambda ps: torch.optim.SGD(ps, lr=1e-3)  # noqa: E731
-    models = {}
-    for name, make in (("tanh", _chain_model), ("param", _param_chain_model)):
-        g = capture(make(k), (x,))
-        models[name] = apply_plan(g, make_plan(g, "dp", world), mesh=mesh)
-    t = _alternating_step_s(models, x, target, loss_fn, factory, reps, rounds, shared, barrier)
-    return max(0.0, (t["param"] - t["tanh"]) / k - optimizer_per_tensor_s)
-
-
-def runtime_node_overhead(world: int, chain: tuple[int, int] = (4, 24), reps: int = 4, rounds: int = 5,
-                          shared: bool = False, barrier: Callable[[], None] = lambda: None, mesh=None) -> float:
-    """Seconds per graph node per training step (forward + backward) of autopar's runtime.
-
-    Captures a chain of K tanh nodes (:func:`_chain_model`) at two K, applies a ``world``-rank
-    data-parallel plan (``autopar.runtime.apply.apply_plan``: on ``mesh``, a ``RankMesh`` of
-    ``world`` ranks from ``build_mesh(..., ranks=...)``, or the initialised default process
-    group, which must then have ``world`` ranks) and times ``train_step``; the slope over the node count is
-    what one more node costs the real runtime (fx interpretation, DTensor wrapping, input and
-    output redistribution checks, autograd), with the tanh itself negligible on a 4x8 tensor.
-    Fastest of ``rounds`` rounds, or with ``shared`` the mean (see :func:`dtensor_op_overhead`).
-    Raises ImportError when the runtime is not importable (the profiler then falls back)."""
-    import torch
-
-    from autopar.graph import capture
-    from autopar.runtime.apply import apply_plan
-    from autopar.runtime.testing import make_plan
-
-    x = torch.randn(4 * world, 8)
-    target = torch.randn(4 * world, 8)
-    loss_fn = lambda out, t: ((out - t) ** 2).mean()  # noqa: E731
-    factory = lambda ps: torch.optim.SGD(ps, lr=1e-3)  # noqa: E731
-    models, nodes = {}, {}
-    for k in chain:
-        g = capture(_chain_model(k), (x,))
-        models[k] = apply_plan(g, make_plan(g, "dp", world), mesh=mesh)
-        nodes[k] = len(g.nodes)
-    times = _alternating_step_s(models, x, target, loss_fn, factory, reps, rounds, shared, barrier)
-    short, long = chain
-    return max(0.0, (times[long] - times[short]) / (nodes[long] - nodes[short]))
+    its optimizer step's (:class:`RuntimeProbe`), less ``optimizer_per_tensor_s`` (SGD's
+    per-tensor step, priced apart)."""
+    par = RuntimeProbe(world, mesh, chain=(4, k)).block(reps, rounds, barrier)[1]
+    return max(0.0, par - optimizer_per_tensor_s)
 
 
 def _runtime_overhead_solo(optimizer_per_tensor_s: float = 0.0) -> tuple[Optional[float], Optional[float], str]:
@@ -725,7 +746,8 @@ def _runtime_overhead_solo(optimizer_per_tensor_s: float = 0.0) -> tuple[Optiona
         else:
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
             made = True
-        return runtime_node_overhead(1), runtime_param_overhead(1, optimizer_per_tensor_s), ""
+        node, par, _ = RuntimeProbe(1).block()
+        return node, max(0.0, par - optimizer_per_tensor_s), ""
     except Exception as e:
         return None, None, f"runtime measurement failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
     finally:
@@ -982,8 +1004,42 @@ def skew_points(group, segments_s: tuple[float, ...] = (0.002, 0.012), reps: int
     return points
 
 
+def stall_samples(group, reps: int = 60, busy_s: float = IN_PLACE_BUSY_S / 2,
+                  small_bytes: int = 256) -> tuple[list[float], list[float]]:
+    """One round of a small all-reduce's time after compute, every call timed: ``(alone,
+    both)``, seconds of ``busy_s`` of compute alone and of the same compute then the
+    all-reduce, alternating. Every rank of ``group`` calls it at once. :func:`sync_costs`
+    pools the rounds into ``stall_s``: mean minus median of what the all-reduce adds."""
+    import torch
+    import torch.distributed as dist
+
+    k = _segment_calls(busy_s, _segment_call_s())
+    small = torch.ones(max(1, small_bytes // 4))
+    dist.all_reduce(small, group=group)
+    dist.barrier(group=group)
+    alone, both = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        _work_segment(k)
+        alone.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        _work_segment(k)
+        dist.all_reduce(small, group=group)
+        both.append(time.perf_counter() - t)
+    return alone, both
+
+
+def _stall_s(alone: Sequence[float], both: Sequence[float]) -> float:
+    """What a collective adds on average beyond what it adds typically (at least 0)."""
+    if not alone or not both:
+        return 0.0
+    mean = statistics.fmean(both) - statistics.fmean(alone)
+    typical = statistics.median(both) - statistics.median(alone)
+    return max(0.0, mean - typical)
+
+
 def sync_costs(group, n: int, reps: int = 15, big_bytes: int = 1 << 22,
-               earlier_skew: Sequence[list] = ()) -> dict:
+               earlier_skew: Sequence[list] = (), earlier_stall: Sequence[tuple] = ()) -> dict:
     """What a collective costs ranks that also compute, measured in place (CPU ranks).
 
     Idle ranks (:func:`_collective_samples`) see the link alone. In a training step every rank
@@ -1003,7 +1059,11 @@ def sync_costs(group, n: int, reps: int = 15, big_bytes: int = 1 << 22,
     (:func:`_redistribute_overhead`). ``overlap_efficiency``: a ``big_bytes`` all-reduce
     started async, then about as much compute, then the wait:
     ``(T_work + T_coll - T_both) / min(T_work, T_coll)``, clipped to [0, 1] (1 = the
-    collective hid behind the compute). Every figure pools all ranks' samples (gathered), so
+    collective hid behind the compute). ``stall_s``: a step sums its collectives, so it pays
+    their mean, where every figure above is a median: the mean minus the median of what a
+    small all-reduce adds after compute (:func:`stall_samples`, this call's round and the
+    ``earlier_stall`` ones pooled; on the 2-core VM 10-15 % of such calls at 2 ranks took
+    3.5-4 ms against a 0.26 ms median). Every figure pools all ranks' samples (gathered), so
     one rank's luck does not decide it. Returns the figures and the raw samples."""
     import torch
     import torch.distributed as dist
@@ -1015,6 +1075,9 @@ def sync_costs(group, n: int, reps: int = 15, big_bytes: int = 1 << 22,
         return _med_time(fn, reps, barrier, each_barrier)
 
     rounds = [list(r) for r in earlier_skew] + [skew_points(group, reps=reps)]
+    stalls = [tuple(r) for r in earlier_stall] + [stall_samples(group)]
+    alone = [x for a, _ in stalls for x in a]
+    both = [x for _, b in stalls for x in b]
     per_call = _segment_call_s(100)
     big = torch.ones(max(1, big_bytes // 4))
     t_coll = med(lambda: dist.all_reduce(big, group=group), each_barrier=True)
@@ -1027,7 +1090,8 @@ def sync_costs(group, n: int, reps: int = 15, big_bytes: int = 1 << 22,
         w.wait()
     t_ovl = med(overlapped)
     t_dtensor = _redistribute_overhead(group, _segment_calls(IN_PLACE_BUSY_S, per_call), med)
-    mine = {"rounds": rounds, "t_coll": t_coll, "t_work": t_work, "t_overlap": t_ovl, "t_dtensor": t_dtensor}
+    mine = {"rounds": rounds, "t_coll": t_coll, "t_work": t_work, "t_overlap": t_ovl, "t_dtensor": t_dtensor,
+            "stall_s": _stall_s(alone, both), "stall_typical_s": statistics.median(both) - statistics.median(alone)}
     every: list = [None] * n
     dist.all_gather_object(every, mine, group=group)
     # per round one ratio over every rank's points: the wait per second of work. A line (slope
@@ -1042,6 +1106,7 @@ def sync_costs(group, n: int, reps: int = 15, big_bytes: int = 1 << 22,
         effs.append(min(1.0, max(0.0, hidden / max(1e-12, min(r["t_work"], r["t_coll"])))))
     dtensor = [r["t_dtensor"] for r in every if r["t_dtensor"] is not None]
     return {"skew_fraction": statistics.median(fracs), "skew_rounds": fracs,
+            "stall_s": statistics.fmean(r["stall_s"] for r in every),
             "sync_s": statistics.fmean(dtensor) if dtensor else 0.0, "overlap_efficiency": statistics.fmean(effs),
             "samples": every}
 
@@ -1069,14 +1134,28 @@ def _redistribute_overhead(group, k: int, med: Callable) -> Optional[float]:
     return max(0.0, t_redist - t_plain)
 
 
-def _runtime_mesh(n: int, device: str):
-    """autopar's ``RankMesh`` for a dp plan on ranks 0..n-1 (``None`` on the others, or on every
-    rank when the runtime is not importable: the cost model must work without it)."""
+def _runtime_meshes(n: int, device: str) -> tuple:
+    """autopar ``RankMesh``es on ranks 0..n-1: a dp plan's over all n, and this rank's own
+    one-rank mesh (``(None, None)`` on the other ranks, or on every rank when the runtime is
+    not importable: the cost model must work without it). Every rank makes every mesh
+    (making process groups is collective)."""
     try:
         from autopar.runtime.mesh import build_mesh
     except Exception:  # noqa: BLE001 - the same outcome on every rank, so no rank waits alone
-        return None
-    return build_mesh({"dp": n}, device, ranks=list(range(n)))
+        return None, None
+    whole = build_mesh({"dp": n}, device, ranks=list(range(n)))
+    own = None
+    for q in range(n):
+        m = build_mesh({"dp": 1}, device, ranks=[q])
+        own = m if m is not None else own
+    return whole, own
+
+
+#: Rounds of each runtime measurement per block (:class:`RuntimeProbe`); a profile takes
+#: three blocks per process count, spread over its phase, and keeps the median of each figure.
+#: Why blocks: one measurement of the 2-rank per-node figure read 44-161 us over six profiles
+#: of one evening on the 2-core VM, as the host's speed came and went over tens of seconds.
+RUNTIME_BLOCK_ROUNDS = 5
 
 
 def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> None:
@@ -1097,6 +1176,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
     cores = os.cpu_count() or 1
     result: dict = {"matmul": {}, "gemm": {}, "stream": {}, "collectives": {}, "threads": {}, "dtensor_overhead": {},
                     "kernels": {}, "optimizer": {}, "first_touch": {}, "runtime_overhead": {}, "param_overhead": {},
+                    "param_overhead_local": {}, "phase_s": {}, "runtime_blocks": {},
                     "runtime_overhead_error": "", "sync": {}}
     try:
         solo = dist.new_group([0])  # one process with every core: the 1-process runtime's dispatch
@@ -1105,51 +1185,87 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
             result["dtensor_overhead"][1] = dtensor_op_overhead(solo, device)
         dist.barrier()
         for n in range(2, world + 1):
+            phase_start = time.perf_counter()
             group = dist.new_group(list(range(n)))
             # the runtime is timed at 2 and at the whole world (other counts scale from the
             # nearest); its mesh on ranks 0..n-1 is made by every rank (making groups is collective)
-            rmesh = _runtime_mesh(n, device) if n in (2, world) and not use_cuda else None
+            rmesh, own_mesh = _runtime_meshes(n, device) if n in (2, world) and not use_cuda else (None, None)
             threads = max(1, cores // n)
             torch.set_num_threads(threads)
+            parts: dict = {}
+            mark = [time.perf_counter()]
+
+            def lap(name: str) -> None:  # where a phase's time goes, kept in the profile's raw data
+                now = time.perf_counter()
+                parts[name] = parts.get(name, 0.0) + now - mark[0]
+                mark[0] = now
+            lap("meshes")
             if rank < n:
+                # the runtime's costs, in blocks spread over this phase (RUNTIME_BLOCK_ROUNDS)
+                runtime: list = []
+                runtime_error: list = []
+                probe: list = []
+
+                def runtime_block() -> None:
+                    if rmesh is None or runtime_error:
+                        return
+                    try:
+                        if not probe:  # the models are built once and timed in every block
+                            probe.append(RuntimeProbe(n, rmesh, own_mesh))
+                        runtime.append(probe[0].block(rounds=RUNTIME_BLOCK_ROUNDS,
+                                                      barrier=lambda: dist.barrier(group=group)))
+                    except Exception as e:  # noqa: BLE001 - recorded; the profile falls back
+                        runtime_error.append(f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                    lap("runtime")
+                runtime_block()
                 # CPU ranks: the in-place skew is taken in rounds spread over this phase
                 skew = [skew_points(group)] if not use_cuda else []
+                stall = [stall_samples(group)] if not use_cuda else []
+                lap("skew_stall")
                 if not use_cuda:  # concurrent compute only matters when processes share cores
                     result["matmul"][n] = concurrent_matmul_samples(
                         cfg["sizes"], cfg["dtypes"], cfg["window_s"], lambda: dist.barrier(group=group))
+                    # between 2 and the whole world (local:3 of 4) the squares alone and one
+                    # round of host rates: what keeps the profile inside its 2 minutes
+                    full = n in (2, world)
                     result["gemm"][n] = gemm_samples(cfg["gemm_shapes"], cfg["window_s"],
-                                                     lambda: dist.barrier(group=group))
+                                                     lambda: dist.barrier(group=group)) if full else []
+                    lap("matmul")
                     dist.barrier(group=group)
-                    rates = host_rates("cpu", cfg["stream_numel"], shared=n > cores)
+                    rates = host_rates("cpu", cfg["stream_numel"], shared=n > cores,
+                                       rounds=HOST_RATE_ROUNDS if full else 1)
                     for key in ("stream", "kernels", "optimizer", "first_touch"):
                         result[key][n] = rates[key]
+                    lap("host_rates")
                 dist.barrier(group=group)  # all n dispatch at once: they share the cores as in a run
                 result["dtensor_overhead"][n] = dtensor_op_overhead(group, device, shared=n > cores)
-                if rmesh is not None:
-                    try:
-                        # sharing cores, processes lose whole time slices: a longer chain and
-                        # more rounds keep the slope above that noise (4 ranks on the 2-core VM
-                        # gave 85-358 us per node over three profiles with (4, 24) x 5 rounds)
-                        shared = n > cores
-                        result["runtime_overhead"][n] = runtime_node_overhead(
-                            n, chain=(4, 64) if shared else (4, 24), rounds=9 if shared else 5, shared=shared,
-                            barrier=lambda: dist.barrier(group=group), mesh=rmesh)
-                        sgd_tensor = (result["optimizer"].get(n) or {}).get("per_tensor_s", {}).get("sgd", 0.0)
-                        result["param_overhead"][n] = runtime_param_overhead(
-                            n, sgd_tensor, k=64 if shared else 24, rounds=9 if shared else 5, shared=shared,
-                            barrier=lambda: dist.barrier(group=group), mesh=rmesh)
-                    except Exception as e:  # noqa: BLE001 - recorded; the profile falls back
-                        why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                        result["runtime_overhead_error"] += f"{n} ranks: {why}; "
+                lap("dtensor")
+                runtime_block()
                 if not use_cuda:
                     skew.append(skew_points(group))
+                    stall.append(stall_samples(group))
+                lap("skew_stall")
                 # CPU ranks: collectives measured between bursts of compute, as a step issues them
                 result["collectives"][n] = _collective_samples(rank, n, group, cfg["coll_bytes"], device,
                                                                busy_s=0.0 if use_cuda else IN_PLACE_BUSY_S)
+                lap("collectives")
                 if not use_cuda:
-                    result["sync"][n] = sync_costs(group, n, earlier_skew=skew)
+                    result["sync"][n] = sync_costs(group, n, earlier_skew=skew, earlier_stall=stall)
+                lap("sync")
+                runtime_block()
+                if runtime:
+                    sgd_tensor = (result["optimizer"].get(n) or {}).get("per_tensor_s", {}).get("sgd", 0.0)
+                    node, par, local = (statistics.median(b[i] for b in runtime) for i in range(3))
+                    result["runtime_overhead"][n] = node
+                    result["param_overhead"][n] = max(0.0, par - sgd_tensor)
+                    result["param_overhead_local"][n] = max(0.0, local - sgd_tensor)
+                    result["runtime_blocks"][n] = runtime
+                if runtime_error:
+                    result["runtime_overhead_error"] += f"{n} ranks: {runtime_error[0]}; "
                 result["threads"][n] = threads
             dist.barrier()
+            lap("wait")
+            result["phase_s"][n] = {"total": time.perf_counter() - phase_start, **parts}
         if rank == 0:
             Path(result_path).write_text(json.dumps(result))
     finally:
@@ -1169,7 +1285,7 @@ def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_
                          host_mem: int, cores: int, prov: Provenance, *, node_overhead: float = 0.0,
                          kernels: Optional[dict] = None, optimizer: Optional[dict] = None,
                          first_touch: float = 0.0, gemm: Optional[Sequence] = None,
-                         param_overhead: float = 0.0) -> DeviceSpec:
+                         param_overhead: float = 0.0, param_overhead_local: float = 0.0) -> DeviceSpec:
     peak, half, eff = {}, {}, {}
     stream = 0.0
     if kind == "cpu" and gemm and "fp32" in samples:
@@ -1200,7 +1316,7 @@ def _device_from_samples(name: str, kind: str, arch: str, samples: dict, memory_
                       optimizer_tensor_overhead_s=dict((optimizer or {}).get("per_tensor_s", {})),
                       optimizer_rates=dict((optimizer or {}).get("elements_per_s", {})),
                       first_touch_bandwidth=first_touch, matmul_stream_bandwidth=stream,
-                      param_overhead_s=param_overhead)
+                      param_overhead_s=param_overhead, param_overhead_local_s=param_overhead_local)
 
 
 def _gemm_fit_note(dev: DeviceSpec) -> str:
@@ -1302,7 +1418,10 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
         say(f"starting {nproc} processes ({start_method}; gloo{'+nccl' if use_cuda else ''} on 127.0.0.1)")
         result = _run_ranks(nproc, cfg, start_method)
     raw: dict = {"matmul": {}, "stream": {}, "collectives": {}, "threads": {"1": cores}, "op_overhead": {},
-                 "dtensor_op_overhead": dict(result.get("dtensor_overhead", {})) if result else {}}
+                 "dtensor_op_overhead": dict(result.get("dtensor_overhead", {})) if result else {},
+                 "phase_s": dict(result.get("phase_s", {})) if result else {},
+                 "runtime_blocks": dict(result.get("runtime_blocks", {})) if result else {}}
+    solo_start = time.perf_counter()
     # wall time per call over a window (as for the concurrent ranks), so one process is
     # measured the way a training step experiences the cores, including waits for them
     cpu_mm = concurrent_matmul_samples(matmul_sizes, dtypes, window_s, lambda: None)
@@ -1325,17 +1444,21 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
     raw["first_touch"] = {"1": cpu_ft}
     rt_ovh: dict[str, float] = {}
     par_ovh: dict[str, float] = {}
+    par_local: dict[str, float] = {}  # no gradient sync; one process alone has none to make
     rt_solo, par_solo, rt_why = _runtime_overhead_solo(opt_ovh.get("sgd", 0.0))
     if rt_solo is not None:
         rt_ovh["1"] = rt_solo
-        par_ovh["1"] = par_solo
+        par_ovh["1"] = par_local["1"] = par_solo
     if result is not None:
         rt_ovh.update({str(k): v for k, v in result.get("runtime_overhead", {}).items()})
         par_ovh.update({str(k): v for k, v in result.get("param_overhead", {}).items()})
+        par_local.update({str(k): v for k, v in result.get("param_overhead_local", {}).items()})
         if result.get("runtime_overhead_error"):
             rt_why = (rt_why + "; " if rt_why else "") + result["runtime_overhead_error"].rstrip("; ")
+    raw["phase_s"]["1"] = {"total": time.perf_counter() - solo_start}
     raw["runtime_node_overhead"] = rt_ovh
     raw["runtime_param_overhead"] = par_ovh
+    raw["runtime_param_overhead_local"] = par_local
     say("kernels (Melem/s fwd/bwd): " + ", ".join(
         f"{k} {cpu_kernels[k + '_fwd'] / 1e6:.0f}/{cpu_kernels[k + '_bwd'] / 1e6:.0f}" for k in KERNELS)
         + f"; conv2d 3x3 GFLOP/s fwd/bwd {cpu_kernels['conv_fwd'] / 1e9:.1f}/{cpu_kernels['conv_bwd'] / 1e9:.1f}"
@@ -1345,7 +1468,9 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
     say("runtime per-node overhead: " + (", ".join(f"{k} proc {v * 1e6:.0f} us" for k, v in sorted(rt_ovh.items()))
                                          or "not measured") + (f" ({rt_why})" if rt_why else "")
         + ("; per parameter: " + ", ".join(f"{k} proc {v * 1e6:.0f} us" for k, v in sorted(par_ovh.items()))
-           if par_ovh else ""))
+           if par_ovh else "")
+        + ("; without a gradient sync: " + ", ".join(f"{k} proc {v * 1e6:.0f} us" for k, v in sorted(par_local.items()))
+           if par_local else ""))
 
     def node_ovh(n: int) -> tuple[float, str]:
         """Runtime per-node per-step seconds for n processes, and how it was obtained."""
@@ -1361,16 +1486,18 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
                                             f"measured at {m} process(es)")
         return 0.0, "not measured" + (f" ({rt_why})" if rt_why else "") + ": op_overhead_s per op is used"
 
-    def param_ovh(n: int) -> float:
-        """Runtime per-parameter seconds per step for n processes: measured, or the nearest
-        measured count's figure scaled as the per-node figure scales between the two."""
-        if str(n) in par_ovh:
-            return par_ovh[str(n)]
-        if not par_ovh:
+    def param_ovh(n: int, table: Optional[dict] = None) -> float:
+        """Runtime per-parameter seconds per step for n processes (``table``: with a gradient
+        sync, the default, or ``par_local`` without): measured, or the nearest measured count's
+        figure scaled as the per-node figure scales between the two."""
+        table = par_ovh if table is None else table
+        if str(n) in table:
+            return table[str(n)]
+        if not table:
             return 0.0
-        m = min((int(k) for k in par_ovh), key=lambda k: (abs(k - n), -k))
+        m = min((int(k) for k in table), key=lambda k: (abs(k - n), -k))
         node_n, node_m = node_ovh(n)[0], rt_ovh.get(str(m), 0.0)
-        return par_ovh[str(m)] * (node_n / node_m if node_m > 0 and node_n > 0 else 1.0)
+        return table[str(m)] * (node_n / node_m if node_m > 0 and node_n > 0 else 1.0)
 
     def ovh(n: int) -> float:
         """Per-op cost for n processes: the DTensor dispatch the runtime pays, where measured."""
@@ -1402,7 +1529,7 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
             "local-cpu/1", "cpu", arch, cpu_mm, mem, cpu_bw, ovh(1), "none", 0.0, 0, cores,
             prov(notes.format(n=1, threads=cores) + f"; node_overhead_s {how}; " + _KERNEL_NOTE),
             node_overhead=nv, kernels=cpu_kernels, optimizer=opt_costs, first_touch=cpu_ft, gemm=cpu_gemm,
-            param_overhead=param_ovh(1))
+            param_overhead=param_ovh(1), param_overhead_local=param_ovh(1, par_local))
         say("1 process:" + _gemm_fit_note(devices[1]).lstrip(";"))
 
     links: dict[int, LinkSpec] = {}
@@ -1425,9 +1552,9 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
             if sync:
                 raw.setdefault("sync", {})[key] = sync
                 in_place = dict(skew_fraction=sync["skew_fraction"], sync_s=sync["sync_s"],
-                                overlap_efficiency=sync["overlap_efficiency"])
-                in_place_note = ("; skew_fraction, overlap_efficiency measured in place, sync_s = DTensor "
-                                 "redistribute over the bare collective (sync_costs)")
+                                overlap_efficiency=sync["overlap_efficiency"], stall_s=sync.get("stall_s", 0.0))
+                in_place_note = ("; skew_fraction, overlap_efficiency, stall_s measured in place, sync_s = "
+                                 "DTensor redistribute over the bare collective (sync_costs)")
             else:  # GPUs: not measured, the catalog's defaults (no skew, full overlap)
                 in_place, in_place_note = {}, "; skew and overlap not measured (defaults)"
             links[n] = LinkSpec(
@@ -1440,7 +1567,8 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
                 + (f" (unsupported: {', '.join(skipped)})" if skipped else "")
                 + (f"; ranks that compute: skew {in_place['skew_fraction']:.2f} of the work between "
                    f"collectives + {in_place['sync_s'] * 1e3:.2f} ms each, overlap "
-                   f"{in_place['overlap_efficiency']:.2f}" if in_place else ""))
+                   f"{in_place['overlap_efficiency']:.2f}, stall {in_place['stall_s'] * 1e3:.2f} ms a call"
+                   if in_place else ""))
             if not cuda:
                 mm = result["matmul"][key]
                 raw["matmul"][key] = mm
@@ -1460,7 +1588,7 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
                     prov(notes.format(n=n, threads=result["threads"][key]) + f"; node_overhead_s {how}; "
                          + _KERNEL_NOTE),
                     node_overhead=nv, kernels=kern, optimizer=opt_n, first_touch=ft_n, gemm=gemm_n,
-                    param_overhead=param_ovh(n))
+                    param_overhead=param_ovh(n), param_overhead_local=param_ovh(n, par_local))
                 say(f"{n} processes: per-process matmul " + ", ".join(  # measured, as for 1 process
                     f"{d} {max(f / t for f, t in rows) / 1e9:.1f} GFLOP/s" for d, rows in mm.items())
                     + _gemm_fit_note(devices[n]))

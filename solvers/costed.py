@@ -856,8 +856,11 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
             t_opt = optimizer_step_time(shard if z >= 1 else numel, 1, optimizer, dev)
             step += stretch * t_opt if t_opt is not None else (
                 (2 * (ob + pb) + gb) / (dev.memory_bandwidth * dev.memory_bw_efficiency))
-        # the runtime's own per-parameter cost (gradient accumulation through DTensor), measured
-        step += stretch * m * dev.param_overhead_s
+        # the runtime's own per-parameter cost (gradient accumulation through DTensor and, where
+        # a collective syncs the gradient, its bookkeeping), measured both ways
+        synced = dp > 1 or (mesh["tp"] > 1 and not isinstance(pl[1], Shard))
+        per_param = dev.param_overhead_s if synced or dev.param_overhead_local_s <= 0 else dev.param_overhead_local_s
+        step += stretch * m * per_param
     return StateCost(memory, working, overlap, sync, step, host, gather)
 
 

@@ -491,12 +491,14 @@ def test_link_collective_fits_override_and_round_trip():
 
 
 def test_link_in_place_terms_add_and_round_trip():
-    """sync_s is paid by every collective; the three in-place figures survive JSON and are checked."""
+    """sync_s and stall_s are paid by every collective call; the in-place figures survive JSON
+    and are checked."""
     plain = LinkSpec("gloo", bandwidth=1e9, latency=1e-4, provenance=Provenance("measured on x", "2026-11-22"))
     busy = LinkSpec("gloo", bandwidth=1e9, latency=1e-4, provenance=plain.provenance, skew_fraction=0.3,
-                    sync_s=2e-3, overlap_efficiency=0.1)
+                    sync_s=2e-3, overlap_efficiency=0.1, stall_s=5e-4)
     for kind in ("all_reduce", "all_gather", "send_recv"):
-        assert collective_time(kind, 1 << 20, 4, busy) == pytest.approx(collective_time(kind, 1 << 20, 4, plain) + 2e-3)
+        assert collective_time(kind, 1 << 20, 4, busy) == pytest.approx(
+            collective_time(kind, 1 << 20, 4, plain) + 2e-3 + 5e-4)
     assert collective_time("all_reduce", 1 << 20, 1, busy) == 0.0  # one rank: nothing to wait for
     back = LinkSpec.from_json(json.loads(json.dumps(busy.to_json())))
     assert back == busy
@@ -505,6 +507,8 @@ def test_link_in_place_terms_add_and_round_trip():
         LinkSpec("bad", 1e9, 1e-5, Provenance("x", "y"), overlap_efficiency=1.5)
     with pytest.raises(ValueError, match="skew_fraction"):
         LinkSpec("bad", 1e9, 1e-5, Provenance("x", "y"), skew_fraction=-0.1)
+    with pytest.raises(ValueError, match="stall_s"):
+        LinkSpec("bad", 1e9, 1e-5, Provenance("x", "y"), stall_s=-1e-3)
 
 
 def test_hand_built_cluster_validation():

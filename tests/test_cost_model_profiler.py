@@ -118,6 +118,9 @@ def test_profile_smoke_two_processes(tmp_path, monkeypatch):
     why = [m for m in messages if "runtime per-node" in m]
     assert set(raw["runtime_param_overhead"]) == set(raw["runtime_node_overhead"]) == {"1", "2"}, why
     assert cluster.groups[0].device.param_overhead_s == raw["runtime_param_overhead"]["2"] >= 0
+    # and without a gradient sync (2 one-rank meshes side by side), as a dp = 1 stage's params
+    assert set(raw["runtime_param_overhead_local"]) == {"1", "2"}, why
+    assert cluster.groups[0].device.param_overhead_local_s == raw["runtime_param_overhead_local"]["2"] >= 0
     # the link carries one measured (alpha, beta) per collective, and the fit is checked
     link = cluster.groups[0].intra_node_link
     assert link.has_fit("all_reduce") and link.has_fit("all_gather")
@@ -133,6 +136,8 @@ def test_profile_smoke_two_processes(tmp_path, monkeypatch):
     # three rounds spread over the phase (a host slowdown moves one), their median kept
     assert len(sync["skew_rounds"]) == 3 and sync["skew_fraction"] == statistics.median(sync["skew_rounds"])
     assert sync["skew_fraction"] == link.skew_fraction and "in place" in link.provenance.notes
+    # a step pays its collectives' mean: what a small all-reduce adds beyond its median, pooled
+    assert link.stall_s == sync["stall_s"] >= 0
     # sync_s: a DTensor redistribute over the bare collective it issues, the mean over ranks
     extra = [r["t_dtensor"] for r in sync["samples"]]
     assert all(x is not None and x >= 0 for x in extra)

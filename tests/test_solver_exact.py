@@ -305,3 +305,30 @@ def test_zero3_holds_one_nodes_gathered_parameters_at_a_time():
     assert math.isfinite(want) and ilp(cg) == pytest.approx(want, rel=1e-6)
     _, tight = backend.run(formulation.build(cg, "CBC"), cg, SolverOptions())
     assert cg.configs[tight.config["block"]].zero_stage == 3
+
+
+def test_parameters_without_a_gradient_sync_pay_the_local_per_parameter_cost():
+    """``param_overhead_local_s`` (measured without a gradient sync) is what a dp = 1 pipeline
+    stage's parameters cost; with dp > 1 every parameter pays ``param_overhead_s``."""
+    torch.manual_seed(0)
+    model, x = Stack(d=64, layers=2), torch.randn(8, 64)
+    def on(world):
+        base = cluster(world, 80)
+        g = base.groups[0]
+        dev = g.device.replace(param_overhead_s=1e-3, param_overhead_local_s=1e-5)
+        return Cluster(name=base.name, groups=(NodeGroup(dev, g.devices_per_node, g.num_nodes, g.intra_node_link,
+                                                         g.inter_node_link),), inter_node_link=base.inter_node_link)
+
+    def steps(cand):
+        cl = on(cand.pp * cand.dp * cand.tp)
+        cg = costed(model, x, cl, cand, allowed=frozenset())
+        name = cl.groups[0].device.name
+        return sorted({round(sc.step_s, 9) for n in cg.nodes if n.state
+                       for per_s in n.state[name] for sc in per_s})
+
+    m = 2
+    piped = steps(Candidate(2, 1, 1, m, "1f1b", 1, (1, 1)))
+    synced = steps(Candidate(2, 2, 1, m, "1f1b", 1, (1, 1)))
+    # a node holds one weight and one bias: 2 params x m microbatches x the per-parameter cost,
+    # on top of the optimizer step, which is the same in both
+    assert min(synced) - min(piped) == pytest.approx(2 * m * (1e-3 - 1e-5), rel=0.05)
