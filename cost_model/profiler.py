@@ -914,17 +914,25 @@ def _after_compute_time(fn: Callable[[], None], k_busy: int, reps: int, sync: Ca
     _work_segment(k_busy)
     fn()
     sync()
+    alone, both = _alternate_work(fn, k_busy, reps, sync)
+    return max(0.0, statistics.median(both) - statistics.median(alone))
+
+
+def _alternate_work(fn: Callable[[], None], k: int, reps: int, sync: Callable[[], None] = lambda: None
+                    ) -> tuple[list[float], list[float]]:
+    """``reps`` times, alternately: ``k`` work-segment calls alone, then the same and ``fn``;
+    the seconds of each, as ``(alone, both)``."""
     alone, both = [], []
     for _ in range(reps):
         t = time.perf_counter()
-        _work_segment(k_busy)
+        _work_segment(k)
         alone.append(time.perf_counter() - t)
         t = time.perf_counter()
-        _work_segment(k_busy)
+        _work_segment(k)
         fn()
         sync()
         both.append(time.perf_counter() - t)
-    return max(0.0, statistics.median(both) - statistics.median(alone))
+    return alone, both
 
 
 #: Compute before each collective sample on CPU ranks (:func:`_collective_samples`): about the
@@ -1017,16 +1025,7 @@ def stall_samples(group, reps: int = 60, busy_s: float = IN_PLACE_BUSY_S / 2,
     small = torch.ones(max(1, small_bytes // 4))
     dist.all_reduce(small, group=group)
     dist.barrier(group=group)
-    alone, both = [], []
-    for _ in range(reps):
-        t = time.perf_counter()
-        _work_segment(k)
-        alone.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        _work_segment(k)
-        dist.all_reduce(small, group=group)
-        both.append(time.perf_counter() - t)
-    return alone, both
+    return _alternate_work(lambda: dist.all_reduce(small, group=group), k, reps)
 
 
 def _stall_s(alone: Sequence[float], both: Sequence[float]) -> float:
