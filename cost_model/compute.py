@@ -112,7 +112,7 @@ def kernel_class(node_kind: str, target: str) -> "str | None":
     name = str(target).lower()
     if k == "conv":
         return "conv"
-    if k == "pool":  # max pooling keeps indices and is not stream-bound; average pooling is
+    if k == "pool":  # max pooling (indices kept) is far below stream speed; average pooling is not
         return "max_pool" if "max" in name else None
     if k not in _KERNEL_KINDS:
         return None
