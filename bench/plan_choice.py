@@ -80,6 +80,12 @@ def _same_plan(a, b) -> bool:
     return all(da.get(k) == db.get(k) for k in keys)
 
 
+#: Seconds one plan's launch may take (the largest, llama's ZeRO-3, takes ~30 s). On the
+#: 2-core VM a gloo all-gather once hung for good (a rank spinning in gloo's UnboundBuffer
+#: destructor); every rank is then killed and the pass counted as hung.
+LAUNCH_TIMEOUT_S = 300
+
+
 def _plans(name: str, ws: int) -> tuple[dict, dict]:
     """Every candidate's plan for model ``name`` on ``local:ws`` (solved here; a candidate the
     solver cannot produce falls back to the hand-written layout) and the solver's free
@@ -129,6 +135,7 @@ def _measure(name: str, plans: dict, nproc: int, steps: int, rounds: int = 2) ->
     per_round = max(3, -(-steps // rounds))
     times: dict[str, list[float]] = {k: [] for k in plans}
     errors: dict[str, str] = {}
+    hung: dict[str, int] = {}
     order = list(plans)
     with tempfile.TemporaryDirectory(prefix="autopar-plan-choice-") as tmp:
         files = {}
@@ -142,13 +149,19 @@ def _measure(name: str, plans: dict, nproc: int, steps: int, rounds: int = 2) ->
                 out = os.path.join(tmp, f"{label}.{r}.times")
                 try:
                     run_workers(os.path.abspath(__file__), nproc,
-                                ["--measure", name, files[label], out, str(per_round)], timeout_s=900)
+                                ["--measure", name, files[label], out, str(per_round)], timeout_s=LAUNCH_TIMEOUT_S)
                     times[label] += json.loads(Path(out).read_text())
-                except RuntimeError as e:  # a plan the runtime refuses is reported
-                    last = [ln for ln in str(e).splitlines() if ln.strip()]
+                except RuntimeError as e:
+                    if "timed out" in str(e).splitlines()[0]:  # every rank was killed; the next pass may run
+                        hung[label] = hung.get(label, 0) + 1
+                        continue
+                    last = [ln for ln in str(e).splitlines() if ln.strip()]  # a plan the runtime refuses
                     errors[label] = (last[-1] if last else str(e))[:160]
-    res = {k: (statistics.median(v), None) for k, v in times.items() if v and k not in errors}
+    res = {k: (statistics.median(v), f"{hung[k]} pass(es) hung, killed" if k in hung else None)
+           for k, v in times.items() if v and k not in errors}
     res.update({k: (None, e) for k, e in errors.items()})
+    res.update({k: (None, f"hung in every pass (killed after {LAUNCH_TIMEOUT_S} s)")
+                for k in hung if k not in res})
     return res
 
 
