@@ -127,7 +127,7 @@ class DeviceSpec:
         Empty: nothing is shared (GPUs, catalog devices).
       param_overhead_s: seconds autopar's runtime spends per parameter per microbatch beyond
         its node's and its optimizer step's (DTensor gradient accumulation and sync
-        bookkeeping), measured by the profiler (:func:`autopar.cost_model.profiler.runtime_param_overhead`);
+        bookkeeping), measured by the profiler (:class:`autopar.cost_model.profiler.RuntimeProbe`);
         0 = not measured.
       param_overhead_local_s: the same for a parameter whose gradient no collective
         synchronises (dp = 1 and not replicated over tp: a pipeline stage's own), measured on

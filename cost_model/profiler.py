@@ -30,16 +30,16 @@ What is measured (all with torch, no ISA-specific code, so it runs on x86 and AR
    host<->device copies (host link bandwidth).
 3. What the node pricing uses on a measured CPU (:func:`autopar.cost_model.compute.node_time`):
    ``node_overhead_s``, autopar's runtime itself timed per graph node per training step
-   (:func:`runtime_node_overhead`: a captured chain of K tanh nodes through ``apply_plan`` +
-   ``train_step`` at two K; 1 rank in this process, and ``nproc`` ranks (dp plan) in the
-   rank phase; other n scale the DTensor chain figure by the runtime/DTensor ratio measured
-   at the nearest n, said in the provenance notes). It replaces the per-op DTensor tanh-chain
+   (:class:`RuntimeProbe`: a captured chain of K tanh nodes through ``apply_plan`` +
+   ``train_step`` at two K; 1 rank in this process, and 2 and ``nproc`` ranks (dp plans) in
+   the rank phase, in blocks spread over it; other n scale the DTensor chain figure by the
+   runtime/DTensor ratio measured at the nearest n, said in the provenance notes). It replaces the per-op DTensor tanh-chain
    estimate in node pricing because it is the runtime's own cost (fx interpretation, input/
    output placement checks, wrapping, autograd): 1.5-2x the DTensor chain's forward + backward
    figure on the 2-core development VM (56 vs 35 us, 1 process). Where
    the runtime cannot be imported or run (the profiler works standalone) it is 0 and
    ``op_overhead_s`` is charged per op as before. ``param_overhead_s``, the runtime's cost per
-   parameter per step beyond its node (:func:`runtime_param_overhead`), is measured alongside,
+   parameter per step beyond its node (:class:`RuntimeProbe`), is measured alongside,
    and ``param_overhead_local_s``, the same without a gradient sync (one-rank meshes side by
    side). ``kernel_rates``: elements/s of gelu, silu, tanh, exp, softmax, layer_norm, add, mul,
    batch_norm and max_pool forward and backward (:func:`kernel_rates`, per output element), so
@@ -675,7 +675,7 @@ class RuntimeProbe:
         from autopar.runtime.apply import apply_plan
         from autopar.runtime.testing import make_plan
 
-        self.world, self.chain = world, chain
+        self.chain = chain
         self.x = torch.randn(4 * world, 8)
         self.target = torch.randn(4 * world, 8)
 
@@ -713,24 +713,8 @@ class RuntimeProbe:
         return node, param, local
 
 
-def runtime_node_overhead(world: int, chain: tuple[int, int] = (4, 64), reps: int = 4, rounds: int = 9,
-                          barrier: Callable[[], None] = lambda: None, mesh=None) -> float:
-    """Seconds per graph node per training step (forward + backward) of autopar's runtime
-    (:class:`RuntimeProbe`), the median of ``rounds`` rounds."""
-    return RuntimeProbe(world, mesh, chain=chain).block(reps, rounds, barrier)[0]
-
-
-def runtime_param_overhead(world: int, optimizer_per_tensor_s: float = 0.0, k: int = 64, reps: int = 4,
-                           rounds: int = 9, barrier: Callable[[], None] = lambda: None, mesh=None) -> float:
-    """Seconds autopar's runtime spends per parameter per training step beyond its node's and
-    its optimizer step's (:class:`RuntimeProbe`), less ``optimizer_per_tensor_s`` (SGD's
-    per-tensor step, priced apart)."""
-    par = RuntimeProbe(world, mesh, chain=(4, k)).block(reps, rounds, barrier)[1]
-    return max(0.0, par - optimizer_per_tensor_s)
-
-
 def _runtime_overhead_solo(optimizer_per_tensor_s: float = 0.0) -> tuple[Optional[float], Optional[float], str]:
-    """:func:`runtime_node_overhead` and :func:`runtime_param_overhead` for one rank in this
+    """The :class:`RuntimeProbe` per-node and per-parameter figures for one rank in this
     process (a 1-rank gloo world made here and torn down), or ``(None, None, why)`` when they
     cannot be measured."""
     try:
@@ -1188,7 +1172,10 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
             group = dist.new_group(list(range(n)))
             # the runtime is timed at 2 and at the whole world (other counts scale from the
             # nearest); its mesh on ranks 0..n-1 is made by every rank (making groups is collective)
-            rmesh, own_mesh = _runtime_meshes(n, device) if n in (2, world) and not use_cuda else (None, None)
+            # between 2 and the whole world (local:3 of 4) CPU ranks also fit their squares alone and
+            # take one round of host rates: what keeps the profile inside its 2 minutes
+            full = n in (2, world)
+            rmesh, own_mesh = _runtime_meshes(n, device) if full and not use_cuda else (None, None)
             threads = max(1, cores // n)
             torch.set_num_threads(threads)
             parts: dict = {}
@@ -1224,9 +1211,6 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
                 if not use_cuda:  # concurrent compute only matters when processes share cores
                     result["matmul"][n] = concurrent_matmul_samples(
                         cfg["sizes"], cfg["dtypes"], cfg["window_s"], lambda: dist.barrier(group=group))
-                    # between 2 and the whole world (local:3 of 4) the squares alone and one
-                    # round of host rates: what keeps the profile inside its 2 minutes
-                    full = n in (2, world)
                     result["gemm"][n] = gemm_samples(cfg["gemm_shapes"], cfg["window_s"],
                                                      lambda: dist.barrier(group=group)) if full else []
                     lap("matmul")

@@ -57,8 +57,7 @@ from torch.distributed.tensor import Shard as DShard
 
 from autopar.graph import Graph, capture
 from autopar.placements import Replicate as _Rep
-from autopar.placements import to_dtensor_placement
-from autopar.placements import check_mesh
+from autopar.placements import check_mesh, to_dtensor_placement
 from autopar.plan import Plan
 from autopar.runtime import sync_batch_norm as sync_bn
 from autopar.runtime.mesh import RankMesh, build_mesh

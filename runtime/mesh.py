@@ -98,19 +98,14 @@ def build_mesh(degrees: dict, device: torch.device | str | None = None, *,
         init_distributed(device)
     world = dist.get_world_size()
     dev = torch.device(device) if device is not None else default_device()
-    if ranks is None:
-        degrees = check_mesh(dict(degrees), world)
-        shape = (degrees["pp"], degrees["dp"], degrees["tp"])
-        mesh = init_device_mesh(dev.type, shape, mesh_dim_names=("pp", "dp", "tp"))
-        members = list(range(world))
-    else:
-        members = [int(r) for r in ranks]
-        bad = [r for r in members if not 0 <= r < world]
-        if bad or len(set(members)) != len(members):
-            raise ValueError(f"build_mesh: ranks {members} must be distinct ranks of the {world}-rank world")
-        degrees = check_mesh(dict(degrees), len(members))
-        shape = (degrees["pp"], degrees["dp"], degrees["tp"])
-        mesh = DeviceMesh(dev.type, torch.tensor(members).view(shape), mesh_dim_names=("pp", "dp", "tp"))
+    members = list(range(world)) if ranks is None else [int(r) for r in ranks]
+    if any(not 0 <= r < world for r in members) or len(set(members)) != len(members):
+        raise ValueError(f"build_mesh: ranks {members} must be distinct ranks of the {world}-rank world")
+    degrees = check_mesh(dict(degrees), len(members))
+    shape = (degrees["pp"], degrees["dp"], degrees["tp"])
+    names = ("pp", "dp", "tp")
+    mesh = (init_device_mesh(dev.type, shape, mesh_dim_names=names) if ranks is None
+            else DeviceMesh(dev.type, torch.tensor(members).view(shape), mesh_dim_names=names))
     if dist.get_rank() not in members:
         return None
     rank = members.index(dist.get_rank())

@@ -148,10 +148,10 @@ def _fx_context(graph: Graph, info: NodeInfo, fx_node: Optional[fx.Node]) -> OpC
     return OpContext(tuple(specs), pspecs, args, kwargs, _module_type(graph, info))
 
 
-def _kernel_of(graph: Graph, info) -> "str | None":
+def _kernel_of(info: NodeInfo, ctx: OpContext) -> "str | None":
     """The measured kernel that prices ``info`` (:func:`kernel_class`), told by its module's
     class for a module node (ResNet's ``pool`` is a MaxPool2d, ``stem.1`` a BatchNorm2d)."""
-    return kernel_class(info.kind, _module_type(graph, info) or info.target)
+    return kernel_class(info.kind, ctx.module_type or info.target)
 
 
 def _module_type(graph: Graph, info) -> str:
@@ -576,6 +576,7 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
         ss = strats(u)
         batched = struct.batched[u]
         kind = _op_kind(info)
+        kernel = _kernel_of(info, struct.contexts[u])
         comp: dict[str, tuple] = {}
         fwd: dict[str, tuple] = {}
         out_cost = [0.0] * len(ss)
@@ -607,8 +608,7 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
                     if p in g.params:
                         moved += _local(g.params[p], pl, mesh, False, 1, precision)
                 # measured runtime per-node overhead and non-matmul kernel rates where the device has them
-                t, b = node_time(flops, moved, elems, dtype, dev, kind, _kernel_of(g, info),
-                                 out_bytes=out_bytes)
+                t, b = node_time(flops, moved, elems, dtype, dev, kind, kernel, out_bytes=out_bytes)
                 c_list.append(stretch * shared[dname] * (t + b) + out_cost[k])
                 f_list.append(stretch * shared[dname] * t)
             comp[dname] = tuple(c_list)

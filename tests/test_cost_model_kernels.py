@@ -188,7 +188,8 @@ def test_module_nodes_are_priced_by_their_class():
     """A module node's target is its path ("pool", "stem.1"): the solver finds the measured
     kernel by the module's class, so ResNet's max pool and batch norms get their own rates."""
     from autopar.graph import capture
-    from autopar.solvers.costed import _kernel_of
+    from autopar.solvers.costed import _kernel_of, analyze
+    from autopar.solvers.strategies import default_registry
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -202,7 +203,8 @@ def test_module_nodes_are_priced_by_their_class():
             return self.ln(y)
 
     g = capture(Net(), (torch.randn(2, 3, 8, 8),))
-    got = {n.target: _kernel_of(g, n) for n in g.nodes.values() if n.op == "call_module"}
+    ctx = analyze(g, default_registry()).contexts
+    got = {n.target: _kernel_of(n, ctx[n.name]) for n in g.nodes.values() if n.op == "call_module"}
     assert got == {"stem.0": "conv", "stem.1": "batch_norm", "pool": "max_pool", "ln": "layer_norm"}
     avg = [n for n in g.nodes.values() if "adaptive_avg_pool2d" in n.target]
-    assert len(avg) == 1 and _kernel_of(g, avg[0]) is None
+    assert len(avg) == 1 and _kernel_of(avg[0], ctx[avg[0].name]) is None
