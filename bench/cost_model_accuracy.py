@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -206,6 +207,7 @@ def run_case_on_rank(case: dict, steps: int, warmup: int, probe_memory: bool) ->
     from autopar.plan import Plan
     from autopar.runtime.apply import apply_plan
     from autopar.runtime.live_memory import LiveTensorBytes
+    from autopar.runtime.testing import timed_steps
 
     model, inputs, targets, loss_fn = build_small(case["model"])
     graph = capture(model, inputs)
@@ -216,7 +218,6 @@ def run_case_on_rank(case: dict, steps: int, warmup: int, probe_memory: bool) ->
     gc.collect()
     reset_ok = _reset_peak_rss()
     base = _proc_status("VmRSS")
-    times = []
     # the warm-up steps (the first creates the optimizer state, the next is a steady step) are
     # untimed and run under the live-tensor probe; the timed steps run without it
     probe = LiveTensorBytes() if probe_memory else contextlib.nullcontext()
@@ -225,12 +226,7 @@ def run_case_on_rank(case: dict, steps: int, warmup: int, probe_memory: bool) ->
             dist.barrier()
             pm.train_step(inputs, targets, loss_fn, opt)
     ref = host_reference_s(dist.barrier)
-    for _ in range(steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        pm.train_step(inputs, targets, loss_fn, opt)
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
+    times = timed_steps(functools.partial(pm.train_step, inputs, targets, loss_fn, opt), steps)
     refs = [None] * dist.get_world_size()
     dist.all_gather_object(refs, ref)
     out: dict = {"times": times, "local_param_bytes": local, "ref_s": statistics.fmean(refs)}

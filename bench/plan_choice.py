@@ -175,6 +175,7 @@ def measure_worker(name: str, plan_file: str, out: str, steps: int) -> None:
     from autopar.plan import Plan
     from autopar.runtime.apply import apply_plan
     from autopar.runtime.mesh import init_distributed
+    from autopar.runtime.testing import timed_steps
 
     init_distributed("cpu")
     ws = dist.get_world_size()
@@ -186,13 +187,7 @@ def measure_worker(name: str, plan_file: str, out: str, steps: int) -> None:
     factory = lambda ps: torch.optim.Adam(ps, lr=1e-4)  # noqa: E731
     for _ in range(2):  # warm-up
         pm.train_step(inputs, targets, loss_fn, factory)
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        pm.train_step(inputs, targets, loss_fn, factory)
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
+    times = timed_steps(lambda: pm.train_step(inputs, targets, loss_fn, factory), steps)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(times))
     dist.destroy_process_group()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 
 def _mlp(width: int, layers: int):
@@ -41,19 +40,6 @@ def _eager_step(module, opt, x, y):
         F.mse_loss(module(x), y).backward()
         opt.step()
     return step
-
-
-def _time_steps(step, n: int) -> list[float]:
-    import torch.distributed as dist
-
-    out = []
-    for _ in range(n):
-        dist.barrier()
-        t0 = time.perf_counter()
-        step()
-        dist.barrier()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def worker(args) -> None:
@@ -141,13 +127,15 @@ def _compare(a_step, b_step, steps: int) -> tuple[float, float]:
     Alternating single steps puts both under the same background load (the machine is shared),
     and the median drops the steps a neighbour's burst hit.
     """
+    from autopar.runtime.testing import timed_steps
+
     for _ in range(3):
         a_step()
         b_step()
     ta, tb = [], []
     for _ in range(steps):
-        ta += _time_steps(a_step, 1)
-        tb += _time_steps(b_step, 1)
+        ta += timed_steps(a_step, 1)
+        tb += timed_steps(b_step, 1)
     ta.sort()
     tb.sort()
     return ta[len(ta) // 2], tb[len(tb) // 2]

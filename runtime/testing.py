@@ -231,6 +231,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def timed_steps(step, n: int) -> list[float]:
+    """Seconds of each of ``n`` calls of ``step()``, every rank held at a barrier before and
+    after each, so a step's time is the slowest rank's (how the benchmarks time training)."""
+    import time
+
+    import torch.distributed as dist
+
+    out = []
+    for _ in range(n):
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        dist.barrier()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def run_workers(script: str, nproc: int, args: Sequence[str] = (), *, timeout_s: float = 240,
                 env: dict | None = None) -> list[str]:
     """Run ``python script args`` as ``nproc`` gloo ranks (RANK/WORLD_SIZE/MASTER_* env vars).
