@@ -24,9 +24,9 @@ erf, silu, tanh ... are compute-bound on a CPU, far below the stream-bandwidth r
 CONV nodes by the measured convolution fit (small convolutions run far below the matmul
 fit on a CPU, and their backward at a third to a half of the forward's FLOP/s), and
 every node the runtime executes (views included) pays the runtime's measured per-node
-overhead (``node_overhead_s``) and, for the bytes it allocates, the measured page-fault cost
-of fresh memory (``first_touch_bandwidth``). Catalog devices carry none of these and keep
-the roofline above.
+overhead (``node_overhead_s``) and, for tensors it allocates that the C library maps afresh
+every step (:data:`FRESH_MAPPING_BYTES` and up), the measured page-fault cost of fresh memory
+(``first_touch_bandwidth``). Catalog devices carry none of these and keep the roofline above.
 """
 from __future__ import annotations
 
@@ -36,6 +36,16 @@ from .device import DeviceSpec, normalize_dtype
 
 OP_KINDS: tuple[str, ...] = ("matmul", "elementwise", "reduction", "other")
 BACKWARD_FACTOR = 2.0
+
+#: Allocations at least this large are mapped afresh (mmap) on every request and unmapped when
+#: freed, so a step page-faults them every time: glibc's DEFAULT_MMAP_THRESHOLD_MAX,
+#: 4 * 1024 * 1024 * sizeof(long) = 32 MiB on 64-bit (mallopt(3), M_MMAP_THRESHOLD; glibc
+#: malloc/malloc.c). Below it glibc's dynamic threshold rises to the size of the blocks a step
+#: frees, and later steps reuse heap memory. Measured on the 2-core VM with default settings:
+#: GPT / LLaMA small steps fault 7-17 MiB a step (heap trimming), where charging every tensor a
+#: node writes at first-touch speed came to 100-250 MiB and 28-63 ms a step (a third of the
+#: prediction).
+FRESH_MAPPING_BYTES = 32 << 20
 
 
 def achieved_flops(flops: float, dtype, device: DeviceSpec, kind: str = "matmul") -> float:
@@ -100,14 +110,19 @@ _KERNEL_BY_NAME: tuple[tuple[str, str], ...] = (
 )
 
 
-def kernel_class(node_kind: str, target: str) -> "str | None":
+#: kernel -> the measured kernel that stands in for it on a profile taken before it was measured
+_KERNEL_FALLBACK = {"gelu_tanh": "gelu"}
+
+
+def kernel_class(node_kind: str, target: str, kwargs: "dict | None" = None) -> "str | None":
     """Which measured kernel prices a graph node: ``node_kind`` is the NodeInfo's ``OpKind``
     value, ``target`` its target name (``"torch.nn.functional.gelu"``; for a module node its
     class name, ``"BatchNorm2d"``, or else its path). NORM nodes are ``batch_norm`` (the name
     says batch norm) or ``layer_norm``, SOFTMAX ``softmax``, POOL ``max_pool`` for max
     pooling; ELEMENTWISE nodes by name (transcendental ops by their function, ``mul``-like,
-    else ``add``); CONV ``conv`` (priced by FLOPs on the measured convolution fit); other
-    kinds None (the roofline)."""
+    else ``add``; a gelu with ``approximate="tanh"`` in ``kwargs`` is ``gelu_tanh``, whose
+    tanh polynomial ran 4x slower than the erf form on the 2-core VM); CONV ``conv`` (priced by
+    FLOPs on the measured convolution fit); other kinds None (the roofline)."""
     k = str(getattr(node_kind, "value", node_kind)).lower()
     name = str(target).lower()
     if k == "conv":
@@ -122,6 +137,8 @@ def kernel_class(node_kind: str, target: str) -> "str | None":
         return "softmax"
     for frag, kernel in _KERNEL_BY_NAME:
         if frag in name and not (frag == "norm" and k == "elementwise" and "normal" in name):
+            if kernel == "gelu" and (kwargs or {}).get("approximate") == "tanh":
+                return "gelu_tanh"
             return kernel
     return "add"
 
@@ -143,13 +160,16 @@ def node_time(flops: float, bytes_moved: float, elements: float, dtype, device: 
     * fresh memory: on a device with a measured ``first_touch_bandwidth``, the ``out_bytes``
       a node's forward allocates, and the ``bytes_moved - out_bytes`` (input and parameter
       gradients, same sizes as what it read) its backward allocates, are charged at that rate
-      (page faults of freshly mapped pages; the matmul fit and kernel rates exclude them)."""
+      when they reach :data:`FRESH_MAPPING_BYTES` (mapped afresh each step; smaller ones reuse
+      heap memory). Approximation: each side is judged by its total, not per tensor."""
     if kind is None:
         fwd = bwd = 0.0
     else:
         fwd = op_time(flops, bytes_moved, dtype, device, kind=kind, include_overhead=False)
         bwd = backward_time(fwd, kind=kind)
         rates = device.kernel_rates
+        if kernel in _KERNEL_FALLBACK and not rates.get(f"{kernel}_fwd"):
+            kernel = _KERNEL_FALLBACK[kernel]
         if kernel == "conv":  # FLOP-priced: the measured fit (seconds = (flops + half) / rate)
             if rates.get("conv_fwd") and flops > 0:
                 fwd = max(fwd, (flops + rates.get("conv_fwd_half", 0.0)) / rates["conv_fwd"])
@@ -161,8 +181,9 @@ def node_time(flops: float, bytes_moved: float, elements: float, dtype, device: 
             if rates.get(f"{kernel}_bwd"):
                 bwd = max(bwd, elements / rates[f"{kernel}_bwd"])
     if device.first_touch_bandwidth > 0 and kind is not None:
-        fwd += out_bytes / device.first_touch_bandwidth
-        bwd += max(0.0, bytes_moved - out_bytes) / device.first_touch_bandwidth
+        grads = max(0.0, bytes_moved - out_bytes)
+        fwd += out_bytes / device.first_touch_bandwidth if out_bytes >= FRESH_MAPPING_BYTES else 0.0
+        bwd += grads / device.first_touch_bandwidth if grads >= FRESH_MAPPING_BYTES else 0.0
     if device.node_overhead_s > 0:
         share = device.node_overhead_s / (1.0 + BACKWARD_FACTOR)
         return fwd + share, bwd + BACKWARD_FACTOR * share

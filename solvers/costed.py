@@ -145,24 +145,34 @@ def _fx_context(graph: Graph, info: NodeInfo, fx_node: Optional[fx.Node]) -> OpC
     kwargs = {k: strip(v) for k, v in fx_node.kwargs.items()} if fx_node is not None else {}
     if multi and info.target.endswith("getitem"):
         kwargs["_multi_output"] = True
+    if info.op == "call_module":  # a module's call options live on the module (nn.GELU(approximate="tanh"))
+        approx = getattr(_submodule(graph, info), "approximate", None)
+        if isinstance(approx, str) and "approximate" not in kwargs:
+            kwargs["approximate"] = approx
     return OpContext(tuple(specs), pspecs, args, kwargs, _module_type(graph, info))
 
 
 def _kernel_of(info: NodeInfo, ctx: OpContext) -> "str | None":
     """The measured kernel that prices ``info`` (:func:`kernel_class`), told by its module's
     class for a module node (ResNet's ``pool`` is a MaxPool2d, ``stem.1`` a BatchNorm2d)."""
-    return kernel_class(info.kind, ctx.module_type or info.target)
+    return kernel_class(info.kind, ctx.module_type or info.target, ctx.kwargs)
 
 
 def _module_type(graph: Graph, info) -> str:
     """Class name of a call_module node's module ("" for other nodes): a module node's target
     is its path ("stem.1"), which does not say what it computes."""
+    mod = _submodule(graph, info)
+    return type(mod).__name__ if mod is not None else ""
+
+
+def _submodule(graph: Graph, info):
+    """A call_module node's module, or None."""
     if info.op != "call_module":
-        return ""
+        return None
     try:
-        return type(graph.gm.get_submodule(info.target)).__name__
+        return graph.gm.get_submodule(info.target)
     except AttributeError:
-        return ""
+        return None
 
 
 def _relative(name_target: str, block: str) -> str:

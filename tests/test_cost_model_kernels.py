@@ -58,6 +58,42 @@ def test_kernel_class(kind, target, want):
     assert kernel_class(kind, target) == want
 
 
+def test_tanh_gelu_is_its_own_kernel_in_both_forms():
+    """GPT-2's gelu_new (approximate="tanh") runs a different, slower polynomial than the erf
+    gelu on a CPU: it is priced by its own measured rate, written as F.gelu(..., approximate=)
+    or as an nn.GELU module, and falls back to the erf rate on a profile that lacks it."""
+    from autopar.graph import capture
+    from autopar.solvers.costed import _kernel_of, analyze
+    from autopar.solvers.strategies import default_registry
+
+    assert kernel_class(OpKind.ELEMENTWISE, "torch._C._nn.gelu", {"approximate": "tanh"}) == "gelu_tanh"
+    assert kernel_class(OpKind.ELEMENTWISE, "torch._C._nn.gelu", {"approximate": "none"}) == "gelu"
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = torch.nn.GELU(approximate="tanh")
+            self.erf = torch.nn.GELU()
+
+        def forward(self, x):
+            return self.erf(torch.nn.functional.gelu(self.act(x), approximate="tanh"))
+
+    g = capture(Net(), (torch.randn(4, 8),))
+    ctx = analyze(g, default_registry()).contexts
+    got = sorted(_kernel_of(n, ctx[n.name]) for n in g.nodes.values() if n.op in ("call_module", "call_function"))
+    assert got == ["gelu", "gelu_tanh", "gelu_tanh"]
+
+    elems = 1 << 16
+    both = _cpu(kernel_rates={"gelu_fwd": 4e9, "gelu_bwd": 2e9, "gelu_tanh_fwd": 1e9, "gelu_tanh_bwd": 5e8})
+    old = _cpu(kernel_rates={"gelu_fwd": 4e9, "gelu_bwd": 2e9})
+    moved = 8.0 * elems  # reads and writes fp32: far under the measured rates' time at stream speed
+    f, b = node_time(0, moved, elems, "fp32", both, "elementwise", "gelu_tanh")
+    ovh = both.op_overhead_s
+    assert f == pytest.approx(elems / 1e9 + ovh) and b == pytest.approx(elems / 5e8 + BACKWARD_FACTOR * ovh)
+    f0, _ = node_time(0, moved, elems, "fp32", old, "elementwise", "gelu_tanh")
+    assert f0 == pytest.approx(elems / 4e9 + ovh)
+
+
 def test_node_time_catalog_device_is_the_roofline():
     h100 = get_device("h100-sxm")  # no measured kernel rates / runtime overhead: unchanged pricing
     for kind, kernel in (("matmul", None), ("elementwise", "gelu")):
@@ -154,14 +190,23 @@ def test_optimizer_rate_falls_to_the_streaming_rate_for_large_tensors():
     assert optimizer_step_time(mid, 1, "adam", cpu) == pytest.approx(mid / (9e8 * 3e8) ** 0.5)
 
 
-def test_node_time_charges_fresh_memory_at_first_touch_rate():
+def test_node_time_charges_fresh_memory_only_where_it_is_mapped_afresh():
+    """Tensors the C library maps afresh every step (FRESH_MAPPING_BYTES and up) pay the
+    first-touch rate; smaller ones come from reused heap memory and pay nothing extra."""
+    from autopar.cost_model.compute import FRESH_MAPPING_BYTES
+
     cpu = _cpu(first_touch_bandwidth=4e9)
-    out, moved = 2e6, 5e6  # the node writes 2 MB; reads 3 MB of inputs and params
-    f, b = node_time(1e9, moved, out / 4, "fp32", cpu, "matmul", None, out_bytes=out)
-    base = op_time(1e9, moved, "fp32", cpu, kind="matmul")
+    big = float(FRESH_MAPPING_BYTES)
+    out, moved = big, 2.5 * big  # the node writes one big tensor; its backward as much again and more
+    f, b = node_time(1e12, moved, out / 4, "fp32", cpu, "matmul", None, out_bytes=out)
+    base = op_time(1e12, moved, "fp32", cpu, kind="matmul")
     assert f == pytest.approx(base + out / 4e9)
     assert b == pytest.approx(backward_time(base, "matmul") + (moved - out) / 4e9)
-    assert node_time(0, 0, 0, "fp32", cpu, None, out_bytes=1e6) == (0.0, 0.0)  # a view allocates nothing
+    small_out, small_moved = 2e6, 5e6  # a 2 MB output: heap memory a step reuses
+    f2, b2 = node_time(1e9, small_moved, small_out / 4, "fp32", cpu, "matmul", None, out_bytes=small_out)
+    base2 = op_time(1e9, small_moved, "fp32", cpu, kind="matmul")
+    assert (f2, b2) == pytest.approx((base2, backward_time(base2, "matmul")))
+    assert node_time(0, 0, 0, "fp32", cpu, None, out_bytes=big) == (0.0, 0.0)  # a view allocates nothing
     assert DeviceSpec.from_json(cpu.to_json()).first_touch_bandwidth == 4e9
 
 
