@@ -1,7 +1,7 @@
 """The ``autopar`` command: thin functions over the library.
 
     autopar plan MODEL --cluster NAME [--fix tp=8,pp=4] [--precision P] [--optimizer O]
-                 [--json FILE] [--time-limit S]
+                 [--json FILE] [--time-limit S] [--prefer-simpler-within F]
     autopar run SCRIPT.py --nproc 4 [script args]  |  autopar run MODEL --cluster local:4 --steps 20
     autopar show PLAN.json [--png FILE]
     autopar explain PLAN.json NODE [--top K]
@@ -227,13 +227,21 @@ def cmd_plan(args: argparse.Namespace, say: Progress) -> int:
 
 
 def _solver_options(args: argparse.Namespace):
-    if args.time_limit is None:
+    kw = {}
+    if args.time_limit is not None:
+        kw["time_limit_s"] = float(args.time_limit)
+    if getattr(args, "prefer_simpler_within", None) is not None:
+        kw["prefer_simpler_within"] = float(args.prefer_simpler_within)
+    if not kw:
         return None
     try:
         from autopar.solvers.options import SolverOptions
     except ImportError as e:
-        raise CliError(f"--time-limit needs autopar.solvers.options: {e}") from None
-    return SolverOptions(time_limit_s=float(args.time_limit))
+        raise CliError(f"solver options need autopar.solvers.options: {e}") from None
+    try:
+        return SolverOptions(**kw)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def cmd_run(args: argparse.Namespace, say: Progress) -> int:
@@ -460,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="FILE", help="write the plan here ('-' = stdout, no summary); "
                                                   "default MODELFN-CLUSTER.plan.json")
     s.add_argument("--time-limit", type=float, metavar="S", help="solver time limit in seconds")
+    s.add_argument("--prefer-simpler-within", type=float, metavar="F",
+                   help="keep a simpler plan (fewer stages, less tensor parallelism) predicted at most this "
+                        "fraction slower than the fastest (default 0.05; 0 = always the fastest)")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("run", parents=[common, json_flag], help="run a script or a model on local processes",

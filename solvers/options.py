@@ -21,6 +21,13 @@ class SolverOptions:
     allow_pp_with_tp: False keeps pipeline and tensor parallelism apart (meshes with pp > 1
       and tp > 1 are skipped), for runtimes that run pp x dp and dp x tp only.
     backend: the OR-Tools MIP backend ("CBC" default: fastest on these models in our measurements; "SCIP", "HIGHS").
+    prefer_simpler_within: a plan with fewer pipeline stages, then less tensor parallelism,
+      then fewer microbatches is kept over a faster one predicted at most this fraction faster
+      (0 = always the fastest prediction). 0.05 by default: differences that small are inside
+      the cost model's error (its step-time MAPE was 9.5-22 % over the accuracy benchmark's
+      runs on the 2-core development VM), while the extra moving parts cost reliably: in
+      ``bench/plan_choice.py`` the solver's pp2 x tp2 pick for the MLP, predicted 2.4 % faster
+      than tp4, measured 65-110 ms in two runs against tp4's 57-69.
     """
 
     time_limit_s: float = 30.0
@@ -33,6 +40,7 @@ class SolverOptions:
     allow_pp_with_tp: bool = True
     max_partitions: int = 12  # stage-size candidates per (mesh, microbatches) beyond all compositions
     relative_gap: float = 1e-6
+    prefer_simpler_within: float = 0.05
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -40,6 +48,8 @@ class SolverOptions:
         if not 0.0 <= self.memory_reserve_fraction < 1.0:
             raise ValueError(f"SolverOptions.memory_reserve_fraction must be in [0, 1), "
                              f"got {self.memory_reserve_fraction}")
+        if not 0.0 <= self.prefer_simpler_within < 1.0:
+            raise ValueError(f"SolverOptions.prefer_simpler_within must be in [0, 1), got {self.prefer_simpler_within}")
         if self.time_limit_s <= 0:
             raise ValueError(f"SolverOptions.time_limit_s must be > 0, got {self.time_limit_s}")
         allowed = frozenset(self.allowed)

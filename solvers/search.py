@@ -12,8 +12,14 @@ Pruning (loss-free): every candidate gets a lower bound from the per-node comput
 
 which no plan of that candidate can beat (T = (m - 1/v) t_max + sum_i t_i / v and
 t_max >= sum_i t_i / p >= W / p). Candidates are solved in increasing LB order and the search
-stops when the next LB is not below the best plan found: the plan is optimal over all
+stops when the next LB is not below the fastest plan found: that plan is optimal over all
 candidates. If the time limit stops it first, the gap to the smallest unexplored LB is reported.
+
+Choice among near-ties (``SolverOptions.prefer_simpler_within``, tol): the plan kept is the
+simplest (fewer stages, then less tensor parallelism, then fewer microbatches) among those
+predicted within tol of the fastest, so the search also solves simpler candidates whose LB is
+within tol; the plan says so in its shortcuts when this changed the pick. tol = 0 is the
+plain optimum.
 """
 from __future__ import annotations
 
@@ -192,10 +198,16 @@ def search(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluster,
     n_lp = 0
     n_mem_pruned = 0
     closest = None  # (bytes, candidate, stage): the candidate nearest to fitting in memory
+    tol = options.prefer_simpler_within
+    fastest = None  # predicted step time of the fastest plan found so far
+    found: list = []  # (T, cg, dec, br, res) of every plan within tol of the fastest
     while heap:
         lb, k, level, cand, devs = heapq.heappop(heap)
-        if best is not None and lb > best[0] * (1 + 1e-9):
-            break
+        if fastest is not None:
+            if lb > fastest * (1 + tol) * (1 + 1e-9):
+                break
+            if lb > fastest * (1 + 1e-9) and not _simpler(cand, best[1].candidate):
+                continue  # cannot be faster; only a simpler plan within tol could still be chosen
         now = time.perf_counter()
         if now >= deadline and best is not None:
             unexplored_lb = lb
@@ -244,7 +256,10 @@ def search(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluster,
             fixed_c["config_allowed"] = _pinned_configs(cg, constraints)
         else:
             fixed_c = fixed
-        model = formulation.build(cg, options.backend, fixed_c, cutoff_s=best[0] if best else None)
+        cutoff = None
+        if best is not None:
+            cutoff = fastest * (1 + tol) * (1 + 1e-9) if _simpler(cand, best[1].candidate) else fastest
+        model = formulation.build(cg, options.backend, fixed_c, cutoff_s=cutoff)
         t1 = time.perf_counter()
         res, dec = backend.run(model, cg, options, max(0.05, deadline - time.perf_counter()))
         t2 = time.perf_counter()
@@ -256,13 +271,18 @@ def search(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluster,
         if dec is None:
             continue
         br = evaluate(cg, dec)
-        if best is None or br.step_time_s < best[0] * (1 - 1e-9) or (
-                br.step_time_s <= best[0] * (1 + 1e-9) and _simpler(cand, best[1].candidate)):
-            best = (br.step_time_s, cg, dec, br, res)
+        fastest = br.step_time_s if fastest is None else min(fastest, br.step_time_s)
+        found = [f for f in found + [(br.step_time_s, cg, dec, br, res)] if f[0] <= fastest * (1 + tol) * (1 + 1e-9)]
+        best = _choose(found)
     if best is None:
         raise InfeasibleError(_infeasible_message(struct, cluster, precision, optimizer, options, constraints,
                                                   closest))
     T, cg, dec, br, res = best
+    if T > fastest * (1 + 1e-9):
+        quick = min(found, key=lambda f: f[0])
+        shortcuts.append(f"preferred the simpler {_describe(cg.candidate)} ({T * 1e3:.2f} ms a step predicted) over "
+                         f"{_describe(quick[1].candidate)} ({quick[0] * 1e3:.2f} ms), within "
+                         f"prefer_simpler_within={tol:g}")
     gap = res.gap
     status = "optimal" if not any_timeout and unexplored_lb is None else "feasible"
     if unexplored_lb is not None:
@@ -271,6 +291,16 @@ def search(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluster,
     return SearchOutcome(cg, dec, br, result, solved, len(cands), shortcuts,
                          {"costing_s": t_cost, "solving_s": t_solve, "lp_bounds": n_lp,
                           "memory_pruned": n_mem_pruned})
+
+
+def _choose(found: list):
+    """The plan to keep among ``found`` (all within the tolerance of the fastest): the simplest
+    (:func:`_simpler`), and among equally simple ones the fastest."""
+    return min(found, key=lambda f: (f[1].candidate.pp, f[1].candidate.tp, f[1].candidate.num_microbatches, f[0]))
+
+
+def _describe(c: Candidate) -> str:
+    return f"pp{c.pp}/dp{c.dp}/tp{c.tp} mb{c.num_microbatches}"
 
 
 def _simpler(a: Candidate, b: Candidate) -> bool:
