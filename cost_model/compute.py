@@ -24,9 +24,9 @@ erf, silu, tanh ... are compute-bound on a CPU, far below the stream-bandwidth r
 CONV nodes by the measured convolution fit (small convolutions run far below the matmul
 fit on a CPU, and their backward at a third to a half of the forward's FLOP/s), and
 every node the runtime executes (views included) pays the runtime's measured per-node
-overhead (``node_overhead_s``) and, for tensors it allocates that the C library maps afresh
-every step (:data:`FRESH_MAPPING_BYTES` and up), the measured page-fault cost of fresh memory
-(``first_touch_bandwidth``). Catalog devices carry none of these and keep the roofline above.
+overhead (``node_overhead_s``) and, for the bytes it allocates, the measured page-fault cost
+of fresh memory (``first_touch_bandwidth``). Catalog devices carry none of these and keep
+the roofline above.
 """
 from __future__ import annotations
 
@@ -36,16 +36,6 @@ from .device import DeviceSpec, normalize_dtype
 
 OP_KINDS: tuple[str, ...] = ("matmul", "elementwise", "reduction", "other")
 BACKWARD_FACTOR = 2.0
-
-#: Allocations at least this large are mapped afresh (mmap) on every request and unmapped when
-#: freed, so a step page-faults them every time: glibc's DEFAULT_MMAP_THRESHOLD_MAX,
-#: 4 * 1024 * 1024 * sizeof(long) = 32 MiB on 64-bit (mallopt(3), M_MMAP_THRESHOLD; glibc
-#: malloc/malloc.c). Below it glibc's dynamic threshold rises to the size of the blocks a step
-#: frees, and later steps reuse heap memory. Measured on the 2-core VM with default settings:
-#: GPT / LLaMA small steps fault 7-17 MiB a step (heap trimming), where charging every tensor a
-#: node writes at first-touch speed came to 100-250 MiB and 28-63 ms a step (a third of the
-#: prediction).
-FRESH_MAPPING_BYTES = 32 << 20
 
 
 def achieved_flops(flops: float, dtype, device: DeviceSpec, kind: str = "matmul") -> float:
@@ -160,8 +150,13 @@ def node_time(flops: float, bytes_moved: float, elements: float, dtype, device: 
     * fresh memory: on a device with a measured ``first_touch_bandwidth``, the ``out_bytes``
       a node's forward allocates, and the ``bytes_moved - out_bytes`` (input and parameter
       gradients, same sizes as what it read) its backward allocates, are charged at that rate
-      when they reach :data:`FRESH_MAPPING_BYTES` (mapped afresh each step; smaller ones reuse
-      heap memory). Approximation: each side is judged by its total, not per tensor."""
+      (page faults of freshly mapped pages; the matmul fit and kernel rates exclude them).
+      Known approximation: with glibc's default allocator most of these tensors reuse heap
+      memory (a small GPT / LLaMA step faults 7-17 MiB, getrusage, where this charges every
+      byte written: 28-63 ms of a 90-150 ms step on the 2-core VM). The charge stands in for
+      costs the other figures miss (a real model's nodes cost the runtime ~2x a tanh-chain
+      node; cold operands); pricing only true faults plus a per-node cost measured on
+      transformer blocks predicted the accuracy benchmark worse (see the README), so it stays."""
     if kind is None:
         fwd = bwd = 0.0
     else:
@@ -181,9 +176,8 @@ def node_time(flops: float, bytes_moved: float, elements: float, dtype, device: 
             if rates.get(f"{kernel}_bwd"):
                 bwd = max(bwd, elements / rates[f"{kernel}_bwd"])
     if device.first_touch_bandwidth > 0 and kind is not None:
-        grads = max(0.0, bytes_moved - out_bytes)
-        fwd += out_bytes / device.first_touch_bandwidth if out_bytes >= FRESH_MAPPING_BYTES else 0.0
-        bwd += grads / device.first_touch_bandwidth if grads >= FRESH_MAPPING_BYTES else 0.0
+        fwd += out_bytes / device.first_touch_bandwidth
+        bwd += max(0.0, bytes_moved - out_bytes) / device.first_touch_bandwidth
     if device.node_overhead_s > 0:
         share = device.node_overhead_s / (1.0 + BACKWARD_FACTOR)
         return fwd + share, bwd + BACKWARD_FACTOR * share

@@ -30,8 +30,8 @@ What is measured (all with torch, no ISA-specific code, so it runs on x86 and AR
    host<->device copies (host link bandwidth).
 3. What the node pricing uses on a measured CPU (:func:`autopar.cost_model.compute.node_time`):
    ``node_overhead_s``, autopar's runtime itself timed per graph node per training step
-   (:class:`RuntimeProbe`: captured chains of 1 and 4 toy-width transformer blocks through
-   ``apply_plan`` + ``train_step``, the slope per node; 1 rank in this process, and 2 and ``nproc`` ranks (dp plans) in
+   (:class:`RuntimeProbe`: a captured chain of K tanh nodes through ``apply_plan`` +
+   ``train_step`` at two K; 1 rank in this process, and 2 and ``nproc`` ranks (dp plans) in
    the rank phase, in blocks spread over it; other n scale the DTensor chain figure by the
    runtime/DTensor ratio measured at the nearest n, said in the provenance notes). It replaces the per-op DTensor tanh-chain
    estimate in node pricing because it is the runtime's own cost (fx interpretation, input/
@@ -384,7 +384,7 @@ def _kernel_fn(name: str, width: int):
         w, b = torch.ones(32, requires_grad=True), torch.zeros(32, requires_grad=True)
         mean, var = torch.zeros(32), torch.ones(32)
         return lambda x: F.batch_norm(image(x), mean, var, w, b, training=True)
-    if name == "gelu_tanh":  # GPT-2's gelu_new: 4x slower than the erf gelu on the 2-core VM (MKL-less path)
+    if name == "gelu_tanh":  # GPT-2's gelu_new: 4x slower than the erf gelu on the 2-core VM
         return lambda x: F.gelu(x, approximate="tanh")
     if name == "add":
         return lambda x: x + x
@@ -519,8 +519,8 @@ def first_touch_bandwidth(nbytes: int = 1 << 23, reps: int = 5, shared: bool = F
     """Bytes/s at which fresh memory is mapped, used and given back: the page-fault (map +
     zero) cost of the first write to newly mapped pages plus the unmap when it is freed, without
     the write itself. A region is mapped anonymously (as glibc does for every tensor above its
-    mmap threshold; the accuracy benchmark's workers set it to 64 KiB, and a training step's
-    tensors are freed and re-mapped every step), filled once (faults + writes), again (writes
+    mmap threshold; with glibc's defaults that threshold rises to the size of freed blocks, so
+    most of a step's tensors reuse heap memory instead, see ``compute.node_time``), filled once (faults + writes), again (writes
     only), and unmapped: (first - second) + unmap. Median of ``reps``, or with ``shared`` the mean.
 
     Why: every tensor a step creates (activations, gradients, temporaries) is written to fresh
@@ -627,71 +627,26 @@ def _param_chain_model(k: int):
     return ParamChain()
 
 
-def _block_chain_model(k: int):
-    """``k`` pre-norm transformer blocks (attention + MLP, 23 graph nodes and 12 parameters
-    each) at toy width: every node kind a transformer step runs (layer norm, linear with bias,
-    chunk / getitem, unflatten / transpose / flatten views, attention, gelu, residual add), on
-    tensors so small that the arithmetic is negligible."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    d, heads = BLOCK_CHAIN_WIDTH, 2
-
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-            self.fc, self.out = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
-
-        def forward(self, x):
-            q, k_, v = self.qkv(self.ln_1(x)).chunk(3, dim=-1)
-            q = q.unflatten(-1, (heads, d // heads)).transpose(1, 2)
-            k_ = k_.unflatten(-1, (heads, d // heads)).transpose(1, 2)
-            v = v.unflatten(-1, (heads, d // heads)).transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, k_, v, is_causal=True).transpose(1, 2).flatten(-2)
-            x = x + self.proj(a)
-            return x + self.out(F.gelu(self.fc(self.ln_2(x))))
-
-    class Blocks(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.h = nn.ModuleList([Block() for _ in range(k)])
-
-        def forward(self, x):
-            for b in self.h:
-                x = b(x)
-            return x
-
-    torch.manual_seed(0)
-    return Blocks()
-
-
-#: width and sequence length of :func:`_block_chain_model`'s blocks and its input
-BLOCK_CHAIN_WIDTH, BLOCK_CHAIN_SEQ = 8, 4
-
-
-def _alternating_step_s(models: dict, data: dict, loss_fn, factory, reps: int, rounds: int,
+def _alternating_step_s(models: dict, x, target, loss_fn, factory, reps: int, rounds: int,
                         barrier: Callable[[], None]) -> dict:
-    """Seconds per ``train_step`` of each model (``data[key]`` = its (input, target)): the
-    median over ``rounds`` rounds of the mean over ``reps`` steps, rounds alternating between
-    the models so a host that slows down or speeds up moves them all (one after the other gave
-    161-265 us per node at 4 ranks on the 2-core VM in three profiles of one afternoon). A
-    round's mean holds the time slices a process waits for the others, as a training step
-    does; the median over rounds leaves out a burst of host slowness. (The fastest round,
-    which this once used without shared cores, gave a 2-rank slope of 37-120 us per node in
-    four back-to-back measurements; the median of 9 rounds over a 64-node chain 90-124.)"""
-    for key, pm in models.items():
+    """Seconds per ``train_step`` of each model: the median over ``rounds`` rounds of the mean
+    over ``reps`` steps, rounds alternating between the models so a host that slows down or
+    speeds up moves them all (one after the other gave 161-265 us per node at 4 ranks on the
+    2-core VM in three profiles of one afternoon). A round's mean holds the time slices a
+    process waits for the others, as a training step does; the median over rounds leaves out
+    a burst of host slowness. (The fastest round, which this once used without shared cores,
+    gave a 2-rank slope of 37-120 us per node in four back-to-back measurements; the median
+    of 9 rounds over a 64-node chain 90-124.)"""
+    for pm in models.values():
         for _ in range(2):
-            pm.train_step(*data[key], loss_fn, factory)
+            pm.train_step(x, target, loss_fn, factory)
     per_round: dict = {k: [] for k in models}
     for _ in range(rounds):
         for k, pm in models.items():
             barrier()
             start = time.perf_counter()
             for _ in range(reps):
-                pm.train_step(*data[k], loss_fn, factory)
+                pm.train_step(x, target, loss_fn, factory)
             per_round[k].append((time.perf_counter() - start) / reps)
     return {k: statistics.median(v) for k, v in per_round.items()}
 
@@ -699,20 +654,15 @@ def _alternating_step_s(models: dict, data: dict, loss_fn, factory, reps: int, r
 class RuntimeProbe:
     """autopar's runtime timed on tiny data-parallel plans, built once and timed in blocks.
 
-    * per node: chains of 1 and 4 transformer blocks at toy width (:func:`_block_chain_model`);
-      the slope of ``train_step`` over the node count, less the blocks' parameters at the
-      per-parameter figure below, is what one more node of a real model costs the runtime (fx
-      interpretation, DTensor dispatch and wrapping, placement checks, autograd), the
-      arithmetic negligible. Why blocks and not a chain of ``tanh``: the runtime's cost per
-      node depends on the node (a linear with its bias, a layer norm, attention, views cost
-      more than a tanh); a tanh chain gave 57-90 us per node at 1 process on the 2-core VM
-      where these blocks give ~150, and where autopar's GPT / BERT / LLaMA steps took 130-200
-      us per node more than eager PyTorch's;
-    * per parameter: a chain of ``y * w_i`` nodes (:func:`_param_chain_model`, one parameter
-      each) against a chain of as many ``tanh`` nodes (:func:`_chain_model`). In a DTensor plan
-      each parameter's gradient is accumulated through DTensor dispatch (AccumulateGrad) and
-      tracked for its sync; the torch profiler showed 117-155 us of it per parameter per step
-      on GPT dp2/dp4 on the 2-core VM, which no other figure holds;
+    * per node: a chain of K tanh nodes (:func:`_chain_model`) at two K; the slope of
+      ``train_step`` over the node count is what one more node costs the real runtime (fx
+      interpretation, DTensor wrapping, input and output placement checks, autograd), the
+      tanh itself negligible on a 4x8 tensor;
+    * per parameter: the :func:`_param_chain_model` chain (one parameter per node) against the
+      tanh chain of the same length, per parameter. In a DTensor plan each parameter's
+      gradient is accumulated through DTensor dispatch (AccumulateGrad) and tracked for its
+      sync; the torch profiler showed 117-155 us of it per parameter per step on GPT dp2/dp4
+      on the 2-core VM, which no other figure holds;
     * the same per parameter on ``own_mesh``, a one-rank mesh per process (no gradient sync),
       when given.
 
@@ -720,8 +670,7 @@ class RuntimeProbe:
     the initialised default process group, which must then have ``world`` ranks. Raises
     ImportError when the runtime is not importable (the profiler then falls back)."""
 
-    def __init__(self, world: int, mesh=None, own_mesh=None, blocks: tuple[int, int] = (1, 4),
-                 chain: int = 64) -> None:
+    def __init__(self, world: int, mesh=None, own_mesh=None, chain: tuple[int, int] = (4, 64)) -> None:
         import torch
 
         from autopar.graph import capture
@@ -729,45 +678,40 @@ class RuntimeProbe:
         from autopar.runtime.testing import make_plan
 
         self.chain = chain
-        flat = (torch.randn(4 * world, 8), torch.randn(4 * world, 8))
-        seq = tuple(torch.randn(2 * world, BLOCK_CHAIN_SEQ, BLOCK_CHAIN_WIDTH) for _ in range(2))
+        self.x = torch.randn(4 * world, 8)
+        self.target = torch.randn(4 * world, 8)
 
-        def build(make, k: int, n: int, on, x):
-            g = capture(make(k), (x[: x.shape[0] // world * n],))
-            return apply_plan(g, make_plan(g, "dp", n), mesh=on), len(g.nodes), len(g.params)
+        def build(make, k: int, n: int, on):
+            g = capture(make(k), (self.x[: 4 * n],))
+            return apply_plan(g, make_plan(g, "dp", n), mesh=on), len(g.nodes)
 
-        short, long = blocks
-        self.models, self.nodes, self.params, self.data = {}, {}, {}, {}
-        for key, make, k, xy in (("short", _block_chain_model, short, seq), ("long", _block_chain_model, long, seq),
-                                 ("tanh", _chain_model, chain, flat), ("param", _param_chain_model, chain, flat)):
-            self.models[key], self.nodes[key], self.params[key] = build(make, k, world, mesh, xy[0])
-            self.data[key] = xy
-        self.own, self.own_data = {}, {}
+        short, long = chain
+        self.models, self.nodes = {}, {}
+        for key, make, k in (("short", _chain_model, short), ("long", _chain_model, long),
+                             ("param", _param_chain_model, long)):
+            self.models[key], self.nodes[key] = build(make, k, world, mesh)
+        self.own = {}
         if own_mesh is not None:
-            for key, make in (("tanh", _chain_model), ("param", _param_chain_model)):
-                self.own[key] = build(make, chain, 1, own_mesh, flat[0])[0]
-                self.own_data[key] = (flat[0][: flat[0].shape[0] // world], flat[1][: flat[1].shape[0] // world])
+            self.own = {key: build(make, long, 1, own_mesh)[0]
+                        for key, make in (("long", _chain_model), ("param", _param_chain_model))}
 
     def block(self, reps: int = 4, rounds: int = 9, barrier: Callable[[], None] = lambda: None
               ) -> tuple[float, float, Optional[float]]:
         """``(per node, per parameter, per parameter without a sync or None)`` seconds per step,
         each at least 0; the optimizer's per-tensor cost is still in the two per-parameter
-        figures (the caller takes it out; the per-node figure has it out already, as the
-        blocks' parameters are charged the per-parameter figure with it in). Median of
-        ``rounds`` rounds (:func:`_alternating_step_s`)."""
+        figures (the caller takes it out). Median of ``rounds`` rounds (:func:`_alternating_step_s`)."""
         import torch
 
         loss_fn = lambda out, t: ((out - t) ** 2).mean()  # noqa: E731
         factory = lambda ps: torch.optim.SGD(ps, lr=1e-3)  # noqa: E731
-        t = _alternating_step_s(self.models, self.data, loss_fn, factory, reps, rounds, barrier)
-        param = max(0.0, (t["param"] - t["tanh"]) / self.chain)
-        d_nodes = self.nodes["long"] - self.nodes["short"]
-        d_params = self.params["long"] - self.params["short"]
-        node = max(0.0, (t["long"] - t["short"] - d_params * param) / d_nodes)
+        t = _alternating_step_s(self.models, self.x, self.target, loss_fn, factory, reps, rounds, barrier)
+        short, long = self.chain
+        node = max(0.0, (t["long"] - t["short"]) / (self.nodes["long"] - self.nodes["short"]))
+        param = max(0.0, (t["param"] - t["long"]) / long)
         local = None
         if self.own:
-            o = _alternating_step_s(self.own, self.own_data, loss_fn, factory, reps, rounds, barrier)
-            local = max(0.0, (o["param"] - o["tanh"]) / self.chain)
+            o = _alternating_step_s(self.own, self.x[:4], self.target[:4], loss_fn, factory, reps, rounds, barrier)
+            local = max(0.0, (o["param"] - o["long"]) / long)
         return node, param, local
 
 
@@ -1516,7 +1460,7 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
     def node_ovh(n: int) -> tuple[float, str]:
         """Runtime per-node per-step seconds for n processes, and how it was obtained."""
         if str(n) in rt_ovh:
-            return rt_ovh[str(n)], "measured on autopar's runtime (transformer-block chain, train_step slope per node)"
+            return rt_ovh[str(n)], "measured on autopar's runtime (tanh chain, train_step slope)"
         # not measured at this n (the runtime's mesh needs the whole world): scale the DTensor
         # chain's figure at n by the runtime/DTensor ratio measured at the nearest n
         have = [int(k) for k in rt_ovh if dt_ovh.get(k, 0) > 0]
