@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-limit", type=float, metavar="S", help="solver time limit in seconds")
     s.add_argument("--prefer-simpler-within", type=float, metavar="F",
                    help="keep a simpler plan (fewer stages, less tensor parallelism) predicted at most this "
-                        "fraction slower than the fastest (default 0.05; 0 = always the fastest)")
+                        "fraction slower than the fastest (default 0: always the fastest)")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("run", parents=[common, json_flag], help="run a script or a model on local processes",

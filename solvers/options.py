@@ -22,12 +22,11 @@ class SolverOptions:
       and tp > 1 are skipped), for runtimes that run pp x dp and dp x tp only.
     backend: the OR-Tools MIP backend ("CBC" default: fastest on these models in our measurements; "SCIP", "HIGHS").
     prefer_simpler_within: a plan with fewer pipeline stages, then less tensor parallelism,
-      then fewer microbatches is kept over a faster one predicted at most this fraction faster
-      (0 = always the fastest prediction). 0.05 by default: differences that small are inside
-      the cost model's error (its step-time MAPE was 9.5-22 % over the accuracy benchmark's
-      runs on the 2-core development VM), while the extra moving parts cost reliably: in
-      ``bench/plan_choice.py`` the solver's pp2 x tp2 pick for the MLP, predicted 2.4 % faster
-      than tp4, measured 65-110 ms in two runs against tp4's 57-69.
+      then fewer microbatches is kept over a faster one predicted at most this fraction faster.
+      0 by default (the fastest prediction). Opt-in robustness: on the 2-core development VM
+      it helped the MLP (pp2 x tp2, predicted 2.4 % faster than tp4, measured 65-110 ms
+      against tp4's 57-69) and would have hurt GPT, whose pipelines measured fastest in 7 of
+      9 plan_choice runs while often predicted within 1-6 % of dp.
     """
 
     time_limit_s: float = 30.0
@@ -40,7 +39,7 @@ class SolverOptions:
     allow_pp_with_tp: bool = True
     max_partitions: int = 12  # stage-size candidates per (mesh, microbatches) beyond all compositions
     relative_gap: float = 1e-6
-    prefer_simpler_within: float = 0.05
+    prefer_simpler_within: float = 0.0
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:

@@ -18,8 +18,8 @@ candidates. If the time limit stops it first, the gap to the smallest unexplored
 Choice among near-ties (``SolverOptions.prefer_simpler_within``, tol): the plan kept is the
 simplest (fewer stages, then less tensor parallelism, then fewer microbatches) among those
 predicted within tol of the fastest, so the search also solves simpler candidates whose LB is
-within tol; the plan says so in its shortcuts when this changed the pick. tol = 0 is the
-plain optimum.
+within tol; the plan says so in its shortcuts when this changed the pick. tol = 0 (the
+default) is the plain optimum.
 """
 from __future__ import annotations
 
