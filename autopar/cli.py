@@ -230,7 +230,7 @@ def _solver_options(args: argparse.Namespace):
     kw = {}
     if args.time_limit is not None:
         kw["time_limit_s"] = float(args.time_limit)
-    if getattr(args, "prefer_simpler_within", None) is not None:
+    if args.prefer_simpler_within is not None:
         kw["prefer_simpler_within"] = float(args.prefer_simpler_within)
     if not kw:
         return None

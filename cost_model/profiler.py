@@ -31,25 +31,25 @@ What is measured (all with torch, no ISA-specific code, so it runs on x86 and AR
 3. What the node pricing uses on a measured CPU (:func:`autopar.cost_model.compute.node_time`):
    ``node_overhead_s``, autopar's runtime itself timed per graph node per training step
    (:class:`RuntimeProbe`: a captured chain of K tanh nodes through ``apply_plan`` +
-   ``train_step`` at two K; 1 rank in this process, and 2 and ``nproc`` ranks (dp plans) in
-   the rank phase, in blocks spread over it; other n scale the DTensor chain figure by the
-   runtime/DTensor ratio measured at the nearest n, said in the provenance notes). It replaces the per-op DTensor tanh-chain
-   estimate in node pricing because it is the runtime's own cost (fx interpretation, input/
-   output placement checks, wrapping, autograd): 1.5-2x the DTensor chain's forward + backward
-   figure on the 2-core development VM (56 vs 35 us, 1 process). Where
-   the runtime cannot be imported or run (the profiler works standalone) it is 0 and
+   ``train_step`` at two K; 1 rank in this process, and 2 and ``nproc`` ranks (dp plans) in the
+   rank phase, in blocks spread over it; other n scale the DTensor chain figure by the
+   runtime/DTensor ratio measured at the nearest n, said in the provenance notes). It replaces
+   the per-op DTensor tanh-chain estimate in node pricing because it is the runtime's own cost
+   (fx interpretation, input/output placement checks, wrapping, autograd): 1.5-2x the DTensor
+   chain's forward + backward figure on the 2-core development VM (56 vs 35 us, 1 process).
+   Where the runtime cannot be imported or run (the profiler works standalone) it is 0 and
    ``op_overhead_s`` is charged per op as before. ``param_overhead_s``, the runtime's cost per
-   parameter per step beyond its node (:class:`RuntimeProbe`), is measured alongside,
-   and ``param_overhead_local_s``, the same without a gradient sync (one-rank meshes side by
-   side). ``kernel_rates``: elements/s of gelu (erf and tanh forms), silu, tanh, exp, softmax, layer_norm, add, mul,
-   batch_norm and max_pool forward and backward (:func:`kernel_rates`, per output element), so
-   ELEMENTWISE / NORM / SOFTMAX / max POOL nodes are priced by measurement, not by stream
-   bandwidth (transcendentals are compute-bound on a CPU). ``optimizer_tensor_overhead_s`` and
-   ``optimizer_rates``: a single-tensor Adam / SGD step's per-tensor and per-element cost
-   (:func:`optimizer_step_costs`). ``first_touch_bandwidth``: the page-fault cost of writing
-   freshly mapped memory (:func:`first_touch_bandwidth`), charged on every byte a node
-   allocates (its outputs forward, its input and parameter gradients backward). Each is
-   measured per process count.
+   parameter per step beyond its node (:class:`RuntimeProbe`), is measured alongside, and
+   ``param_overhead_local_s``, the same without a gradient sync (one-rank meshes side by side).
+   ``kernel_rates``: elements/s of gelu (erf and tanh forms), silu, tanh, exp, softmax,
+   layer_norm, add, mul, batch_norm and max_pool forward and backward (:func:`kernel_rates`,
+   per output element), so ELEMENTWISE / NORM / SOFTMAX / max POOL nodes are priced by
+   measurement, not by stream bandwidth (transcendentals are compute-bound on a CPU).
+   ``optimizer_tensor_overhead_s`` and ``optimizer_rates``: a single-tensor Adam / SGD step's
+   per-tensor and per-element cost (:func:`optimizer_step_costs`). ``first_touch_bandwidth``:
+   the page-fault cost of writing freshly mapped memory (:func:`first_touch_bandwidth`),
+   charged on every byte a node allocates (its outputs forward, its input and parameter
+   gradients backward). Each is measured per process count.
 
 Limitations: timings are rank 0's. Each matmul point and each cheap rate (stream, kernels,
 optimizer, first touch: :func:`host_rates`) is the median over a few rounds, so a burst of host
@@ -520,8 +520,9 @@ def first_touch_bandwidth(nbytes: int = 1 << 23, reps: int = 5, shared: bool = F
     zero) cost of the first write to newly mapped pages plus the unmap when it is freed, without
     the write itself. A region is mapped anonymously (as glibc does for every tensor above its
     mmap threshold; with glibc's defaults that threshold rises to the size of freed blocks, so
-    most of a step's tensors reuse heap memory instead, see ``compute.node_time``), filled once (faults + writes), again (writes
-    only), and unmapped: (first - second) + unmap. Median of ``reps``, or with ``shared`` the mean.
+    most of a step's tensors reuse heap memory instead, see ``compute.node_time``), filled
+    once (faults + writes), again (writes only), and unmapped: (first - second) + unmap.
+    Median of ``reps``, or with ``shared`` the mean.
 
     Why: every tensor a step creates (activations, gradients, temporaries) is written to fresh
     pages; at a few GB/s this is the largest cost of a CPU step after the matmuls, and neither

@@ -201,10 +201,13 @@ def search(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluster,
     tol = options.prefer_simpler_within
     fastest = None  # predicted step time of the fastest plan found so far
     found: list = []  # (T, cg, dec, br, res) of every plan within tol of the fastest
+
+    def within_tol(t: float) -> bool:  # predicted no more than tol slower than the fastest
+        return t <= fastest * (1 + tol) * (1 + 1e-9)
     while heap:
         lb, k, level, cand, devs = heapq.heappop(heap)
         if fastest is not None:
-            if lb > fastest * (1 + tol) * (1 + 1e-9):
+            if not within_tol(lb):
                 break
             if lb > fastest * (1 + 1e-9) and not _simpler(cand, best[1].candidate):
                 continue  # cannot be faster; only a simpler plan within tol could still be chosen
@@ -272,8 +275,8 @@ def search(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluster,
             continue
         br = evaluate(cg, dec)
         fastest = br.step_time_s if fastest is None else min(fastest, br.step_time_s)
-        found = [f for f in found + [(br.step_time_s, cg, dec, br, res)] if f[0] <= fastest * (1 + tol) * (1 + 1e-9)]
-        best = _choose(found)
+        found = [f for f in found + [(br.step_time_s, cg, dec, br, res)] if within_tol(f[0])]
+        best = min(found, key=lambda f: (_simplicity(f[1].candidate), f[0]))  # the simplest, then the fastest
     if best is None:
         raise InfeasibleError(_infeasible_message(struct, cluster, precision, optimizer, options, constraints,
                                                   closest))
@@ -293,20 +296,18 @@ def search(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluster,
                           "memory_pruned": n_mem_pruned})
 
 
-def _choose(found: list):
-    """The plan to keep among ``found`` (all within the tolerance of the fastest): the simplest
-    (:func:`_simpler`), and among equally simple ones the fastest."""
-    return min(found, key=lambda f: (f[1].candidate.pp, f[1].candidate.tp, f[1].candidate.num_microbatches, f[0]))
-
-
 def _describe(c: Candidate) -> str:
     return f"pp{c.pp}/dp{c.dp}/tp{c.tp} mb{c.num_microbatches}"
 
 
+def _simplicity(c: Candidate) -> tuple[int, int, int]:
+    """Fewer pipeline stages, then less tensor parallelism, then fewer microbatches: fewer
+    moving parts; the lower, the simpler."""
+    return (c.pp, c.tp, c.num_microbatches)
+
+
 def _simpler(a: Candidate, b: Candidate) -> bool:
-    """Between plans predicted equally fast, the one with fewer pipeline stages, then less
-    tensor parallelism, then fewer microbatches: fewer moving parts for the same time."""
-    return (a.pp, a.tp, a.num_microbatches) < (b.pp, b.tp, b.num_microbatches)
+    return _simplicity(a) < _simplicity(b)
 
 
 def _host_bw() -> float:
