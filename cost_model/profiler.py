@@ -356,7 +356,13 @@ def host_copy_bandwidth(numel: int = 1 << 24) -> float:
 #: prices ELEMENTWISE / NORM / SOFTMAX nodes on a measured device (see compute.kernel_class).
 KERNELS: tuple[str, ...] = ("gelu", "gelu_tanh", "silu", "tanh", "exp", "softmax", "layer_norm", "add", "mul",
                             "batch_norm", "max_pool")
+#: prefix of a GPU DeviceSpec's optimizer rates measured on its host's CPU (ZeRO-Offload steps there)
+HOST_PREFIX = "host_"
 KERNEL_SHAPE: tuple[int, int] = (512, 1024)  # 2 MiB fp32: a GPT MLP activation of the small models
+#: On a GPU: 256 MiB fp32, so the rate is the kernel's streaming rate (a small tensor's time is
+#: the launch cost, priced separately as op_overhead_s) and the autograd engine's fixed start
+#: per backward call (~50-100 us) is a few percent of the backward's time
+GPU_KERNEL_SHAPE: tuple[int, int] = (16384, 4096)
 #: (batch, channels in, channels out, height = width, kernel, stride) of the measured
 #: convolutions: a strided 1x1 shortcut, a 3x3 of the small ResNet the benchmarks run, and a
 #: larger 3x3, spanning 1-300 MFLOP. On the 2-core VM (oneDNN) the 1x1 ran at 13 GFLOP/s
@@ -366,12 +372,13 @@ CONV_SHAPES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (16, 32, 64, 8, 1, 2), (16, 32, 32, 8, 3, 1), (16, 64, 64, 16, 3, 1))
 
 
-def _kernel_fn(name: str, width: int):
+def _kernel_fn(name: str, width: int, device: str = "cpu"):
     import torch
     import torch.nn.functional as F
 
     if name == "layer_norm":  # with an affine weight and bias, as nn.LayerNorm
-        w, b = torch.ones(width, requires_grad=True), torch.zeros(width, requires_grad=True)
+        w = torch.ones(width, device=device, requires_grad=True)
+        b = torch.zeros(width, device=device, requires_grad=True)
         return lambda x: F.layer_norm(x, (width,), w, b)
     if name == "softmax":
         return lambda x: torch.softmax(x, dim=-1)
@@ -381,8 +388,9 @@ def _kernel_fn(name: str, width: int):
             return x.reshape(-1)[: x.numel() // (32 * hw * hw) * 32 * hw * hw].view(-1, 32, hw, hw)
         if name == "max_pool":  # the torchvision ResNet stem's window; keeps indices for backward
             return lambda x: F.max_pool2d(image(x), 3, 2, 1)
-        w, b = torch.ones(32, requires_grad=True), torch.zeros(32, requires_grad=True)
-        mean, var = torch.zeros(32), torch.ones(32)
+        w = torch.ones(32, device=device, requires_grad=True)
+        b = torch.zeros(32, device=device, requires_grad=True)
+        mean, var = torch.zeros(32, device=device), torch.ones(32, device=device)
         return lambda x: F.batch_norm(image(x), mean, var, w, b, training=True)
     if name == "gelu_tanh":  # GPT-2's gelu_new: 4x slower than the erf gelu on the 2-core VM
         return lambda x: F.gelu(x, approximate="tanh")
@@ -426,7 +434,7 @@ def kernel_rates(shape: tuple[int, int] = KERNEL_SHAPE, device: str = "cpu", rep
         return statistics.fmean(samples)
 
     for name in kernels:
-        f = _kernel_fn(name, shape[1])
+        f = _kernel_fn(name, shape[1], device)
         x = torch.randn(*shape, device=device, requires_grad=True)
         y = f(x)
         n_out = y.numel()  # rates per output element, as node_time prices them
@@ -1499,14 +1507,22 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
         gpu_mm = matmul_samples(tuple(s * 2 for s in matmul_sizes) + (4096,), ("fp32", "tf32", "bf16", "fp16"), "cuda")
         gpu_bw = stream_bandwidth(1 << 26, "cuda")
         host_bw = host_copy_bandwidth()
+        # layer norm, softmax, gelu ... at their streaming rates: a layer norm's backward (two
+        # reductions) is not the roofline's 2x its forward
+        gpu_kernels = kernel_rates(GPU_KERNEL_SHAPE, device="cuda", reps=5, chain=4, conv=False)
         props = torch.cuda.get_device_properties(0)
         link_name = "nvlink-c2c" if arch == "aarch64" else ("pcie5" if host_bw > 32e9 else "pcie4")
-        raw["gpu"] = {"matmul": gpu_mm, "stream": gpu_bw, "host_copy": host_bw, "name": props.name}
+        raw["gpu"] = {"matmul": gpu_mm, "stream": gpu_bw, "host_copy": host_bw, "name": props.name,
+                      "kernels": gpu_kernels}
         gpu = _device_from_samples(
             f"local-gpu:{props.name}", "gpu", f"sm{props.major}{props.minor}", gpu_mm, props.total_memory,
             gpu_bw, op_overhead("cuda"), link_name, host_bw, mem // max(1, torch.cuda.device_count()),
             props.multi_processor_count,
-            prov(f"{props.name}; host link kind guessed from measured copy bandwidth"))
+            prov(f"{props.name}; host link kind guessed from measured copy bandwidth; kernel rates "
+                 f"fp32 on {GPU_KERNEL_SHAPE[0]}x{GPU_KERNEL_SHAPE[1]}; host_* optimizer rates: this "
+                 f"host's CPU, where an offloaded optimizer steps"), kernels=gpu_kernels,
+            optimizer={k: {f"{HOST_PREFIX}{o}": v for o, v in opt_costs[k].items()}
+                       for k in ("per_tensor_s", "elements_per_s")})
         say(f"gpu {props.name}: bf16 {gpu.peak_flops['bf16'] / 1e12:.1f} TFLOP/s, host link {host_bw / 1e9:.1f} GB/s")
         devices = {n: gpu for n in range(1, nproc + 1)}
     else:

@@ -261,6 +261,7 @@ def decode(struct: GraphStructure, out: SearchOutcome, cluster: Cluster, *, prec
     params = []
     param_place: dict[str, tuple] = {}
     param_stage: dict[str, int] = {}
+    param_unit: dict[str, str] = {}  # param -> the unit standing for its first reader
     for name, info in g.nodes.items():
         u = unit_of.get(name)
         if u is None:
@@ -270,8 +271,11 @@ def decode(struct: GraphStructure, out: SearchOutcome, cluster: Cluster, *, prec
             if p in g.params and p not in param_place:
                 param_place[p] = pl
                 param_stage[p] = chunk_of(name)
+                param_unit[p] = u
     for p, spec in g.params.items():
-        u = struct.owner.get(p)
+        # struct.owner names only the units' own params (one block stands for all): a param of
+        # another block takes its group from the unit that stands for its reader
+        u = struct.owner.get(p) or param_unit.get(p)
         group = "block" if (u and struct.place[u] == "block") else "outside"
         cfg = cg.configs[dec.config.get(group, 0)] if cg.configs else None
         from autopar.placements import Replicate

@@ -387,6 +387,10 @@ STATE_CONFIGS: tuple[StateConfig, ...] = (
 )
 
 
+#: at dp == 1, the one ZeRO stage kept for each offloaded set that needs one
+_DP1_STAGE = {("grads", "optimizer_state"): 2, ("params", "grads", "optimizer_state"): 3}
+
+
 @dataclass(frozen=True)
 class StateCost:
     """One parameter node x strategy x state config: per stage holding it."""
@@ -699,7 +703,13 @@ def _link(cluster: Cluster, mesh: Mapping[str, int], axis: str, cache: Optional[
 
 
 def _config_allowed(c: StateConfig, dp: int, allowed: frozenset[str], devices: Mapping[str, DeviceSpec]) -> bool:
-    if c.zero_stage > 0 and (dp == 1 or "zero" not in allowed):
+    if dp == 1 and c.zero_stage > 0:
+        # nothing to shard: the stage only names the configuration. Offloading gradients
+        # (stage 2) or weights too (stage 3) still saves device memory - one GPU training a model
+        # larger than itself (ZeRO-Infinity) - so keep one config per offloaded set
+        if c.zero_stage != _DP1_STAGE.get(c.offload):
+            return False
+    elif c.zero_stage > 0 and "zero" not in allowed:
         return False
     if c.offload:
         if "offload" not in allowed:
@@ -823,6 +833,9 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
             # only one node's parameters are whole at a time: in its backward, with their
             # whole gradients until the reduce-scatter
             gather += full_p + full_g
+        elif "grads" in c.offload:
+            # an offloaded gradient is made on the device and moved out as soon as it is final
+            gather += full_g
         # data-parallel communication, as the runtime (autopar.runtime.apply) issues it: ZeRO-0
         # gradients are all-reduced in buckets (a kept flat buffer per bucket of several);
         # ZeRO gathers and reduce-scatters are one collective per parameter (DTensor
@@ -857,7 +870,10 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
                 # ZeRO-Offload: gradients go down, updated params come back, Adam runs on the host
                 # (memory-bound there: state + master read and written once).
                 step += (gb if "grads" not in c.offload else 0.0) / host_link + pb / host_link
-                step += 2 * (ob + pb) / host_bw_cpu
+                # the host's measured optimizer rate where the profile has one (a local GPU),
+                # else the host DRAM roofline (state + master read and written once)
+                t_host = optimizer_step_time(shard if z >= 1 else numel, 1, optimizer, dev, on_host=True)
+                step += stretch * t_host if t_host is not None else 2 * (ob + pb) / host_bw_cpu
             else:
                 step += 2 * (ob + pb) / (dev.memory_bandwidth * dev.memory_bw_efficiency)
         else:
