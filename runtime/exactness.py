@@ -130,6 +130,11 @@ def parse_case(case: str) -> tuple[str, str, dict]:
     return parts[0], parts[1], opts
 
 
+#: ``offload=`` in a case: 1 = optimizer state (ZeRO-Offload); grads / params add the gradients,
+#: then the weights (ZeRO-Infinity; on a CPU the host is the device, so these check the plan runs)
+_OFFLOAD = {"1": True, "grads": ("grads", "optimizer_state"), "params": ("params", "grads", "optimizer_state")}
+
+
 def _plan(graph, kind, ws, opts):
     if kind == "solver":  # the solver's own choice for local:<ws>
         from autopar.solvers.api import solve
@@ -143,7 +148,7 @@ def _plan(graph, kind, ws, opts):
         schedule=opts.get("schedule"),
         microbatches=int(opts.get("mb", 1)),
         recompute=opts.get("recompute") == "1",
-        offload=opts.get("offload") == "1",
+        offload=_OFFLOAD.get(opts.get("offload", ""), False),
         zero_stage=int(opts["zero"]) if "zero" in opts else None,
         virtual_stages=int(opts.get("v", 1)),
         vocab_partial=opts.get("vocab_partial") == "1",

@@ -76,7 +76,7 @@ class StageModule(nn.Module):
             pl = pm.program.placement_of[name]
             env[name] = DTensor.from_local(t, ex.mesh, _dt(pl), run_check=False)
         ex.begin_step()
-        ex.run(env)
+        ex.run(env, keep=self.io.outputs)
         outs = []
         for name in self.io.outputs:
             v = env[name]

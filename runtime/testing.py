@@ -54,7 +54,7 @@ def make_plan(
     schedule: str | None = None,
     microbatches: int = 1,
     recompute: bool = False,
-    offload: bool = False,
+    offload: "bool | tuple[str, ...]" = False,
     offload_activations: bool | None = None,
     zero_stage: int | None = None,
     virtual_stages: int = 1,
@@ -63,7 +63,8 @@ def make_plan(
     """A complete Plan of ``kind`` for ``graph`` on ``world_size`` ranks (see module docstring).
 
     ``recompute`` / ``offload_activations`` apply to every block (and to nodes outside blocks);
-    ``offload`` puts every parameter's optimizer state (and its step) on the host.
+    ``offload`` puts every parameter's optimizer state (and its step) on the host; a tuple names
+    the classes to offload instead (``("params", "grads", "optimizer_state")``: ZeRO-Infinity).
     ``vocab_partial`` leaves a vocab-parallel embedding's output a partial sum on the tp axis,
     reduced where its consumer needs it whole (a layout the solver picks when that is cheaper).
     """
@@ -75,6 +76,8 @@ def make_plan(
     dp, tp, pp = mesh["dp"], mesh["tp"], mesh["pp"]
     if zero_stage is None:
         zero_stage = 3 if kind == "fsdp" else 0
+    offload_classes = tuple(offload) if isinstance(offload, (tuple, list)) else (
+        ("optimizer_state",) if offload else ())
     if schedule is None:
         schedule = "gpipe" if pp > 1 else "none"
     if virtual_stages > 1:
@@ -183,15 +186,14 @@ def make_plan(
         shards = dp * (tp if pl[1] == Shard(0) else 1)
         if zs and (not spec.shape or spec.shape[0] % shards):
             zs = 0  # the runtime refuses uneven ZeRO storage, as the solver must
-        params.append(ParamPlan(name, tuple(spec.shape), pl, zs,
-                                ("optimizer_state",) if offload else (), users[0] if users else 0))
+        params.append(ParamPlan(name, tuple(spec.shape), pl, zs, offload_classes, users[0] if users else 0))
     stages = ()
     if n_stages > 1:  # stage i runs on pp index i % pp (interleaved: virtual_stages per rank)
         stages = tuple(
             Stage(i, tuple(ns), tuple(sorted({nodes[x].block for x in ns if nodes[x].block})),
                   tuple(rank_of(mesh, i % pp, d, t) for d in range(dp) for t in range(tp)), "cpu")
             for i, ns in enumerate(stage_nodes))
-    oa = offload if offload_activations is None else offload_activations
+    oa = bool(offload) if offload_activations is None else offload_activations
     blocks = tuple(BlockPolicy(b, "full" if recompute else "none", oa) for b in list(graph.blocks) + ["*"])
     return Plan(
         cluster={"name": f"local:{ws}", "world_size": ws},

@@ -49,3 +49,35 @@ def test_dtensor_counts_its_local_shard():
             assert probe.live_bytes == 0
     finally:
         dist.destroy_process_group()
+
+
+def test_runtime_frees_each_value_after_its_last_reader():
+    """A forward without autograd keeps about one layer's values alive, however deep the model:
+    the runtime's environment drops a value after its last reader. (It once kept every
+    intermediate to the end of the forward, so activation offload and recomputation saved no
+    device memory: a 1.3 B GPT on an H100 ran out at its 12th of 24 blocks.)"""
+    import os
+
+    import torch.distributed as dist
+
+    from autopar.graph import capture
+    from autopar.models import gpt
+    from autopar.runtime.apply import apply_plan
+    from autopar.runtime.testing import free_port, make_plan
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        peaks = {}
+        for layers in (2, 8):
+            torch.manual_seed(0)
+            cfg = gpt.GPTConfig(vocab_size=64, block_size=64, n_layer=layers, n_head=2, d_model=64)
+            model = gpt.GPT(cfg)
+            x = (torch.randint(0, 64, (8, 64)),)
+            pm = apply_plan(capture(model, x), make_plan(capture(model, x), "dp", 1))
+            with torch.no_grad(), LiveTensorBytes() as probe:
+                pm.forward(*x)
+            peaks[layers] = probe.peak_bytes
+        assert peaks[8] < 1.3 * peaks[2], peaks
+    finally:
+        dist.destroy_process_group()

@@ -27,6 +27,9 @@ CASES_2 = [
     "gpt:dp:recompute=1", "gpt:tp:offload=1", "gpt:dp:opt=adam",
     # ZeRO-3 regathers in the backward under the activation-offload and checkpoint hooks too
     "gpt:fsdp:offload=1,resharded=1", "gpt:fsdp:recompute=1",
+    # ZeRO-Infinity plans (weights and grads on the host: a no-op copy on a CPU, run for real
+    # on a GPU by tests/test_gpu_offload.py)
+    "gpt:fsdp:opt=adam,offload=params,resharded=1", "gpt:dp:opt=adam,offload=grads,mb=2",
     "gpt:fsdp:ckpt=tp", "gpt:pp:mb=2,ckpt=dp", "gpt:dp:opt=adam,offload=1,ckpt=fsdp",
     "gpt:fsdp:opt=adam,save=ws2",
     "gpt:fsdp:meta=1", "gpt_tied:tp:meta=1",
