@@ -7,7 +7,9 @@ How a plan is executed (in this order, each a small function below):
 2. ``build_mesh`` makes the (pp, dp, tp) DeviceMesh; placements live on this rank's (dp, tp)
    stage submesh.
 3. ``_materialize_params``: each rank keeps only its local shard of its stage's parameters, as
-   ``torch.distributed.tensor`` DTensors with the *storage* placements (ZeRO: ``S(0)`` on dp).
+   ``torch.distributed.tensor`` DTensors with the *storage* placements (ZeRO: ``S(0)`` on dp);
+   on a GPU, weights the plan offloads keep their shard in pinned host memory and are copied
+   in at each use like a ZeRO-3 gather (ZeRO-Infinity), their gradients coming back to the host.
    A model built on the meta device is initialised one owning module at a time on the host
    (``reset_parameters`` under a per-module seed derived from ``seed``), sliced, and dropped:
    the extra host memory is the largest single module's parameters. :func:`materialize` does the
@@ -378,7 +380,7 @@ class Executor:
         self._pos = {s.node: i for i, s in enumerate(self.steps)}
         last: dict[str, int] = {}
         for i, s in enumerate(self.steps):
-            for a in list(self.fx_nodes[s.node].all_input_nodes):
+            for a in self.fx_nodes[s.node].all_input_nodes:
                 if a.op != "get_attr":
                     last[a.name] = i
             for name in s.inputs:
@@ -454,19 +456,21 @@ class Executor:
             and (len(self.program.stages) <= 1 or lay.stage == self.stage)
         }
 
-    def _drop_dead(self, env: dict, upto: int, keep) -> None:
-        for i in range(self._dropped, upto + 1):
+    def _drop_dead(self, env: dict, start: int, upto: int, keep) -> int:
+        """Drop the values whose last reader is a step in positions ``start..upto``; returns
+        the next position to look at."""
+        for i in range(start, upto + 1):
             for name in self._dies_at.get(i, ()):
                 if name not in keep:
                     env.pop(name, None)
-        self._dropped = max(self._dropped, upto + 1)
+        return max(start, upto + 1)
 
     def run(self, env: dict, keep=()) -> dict:
         """Run this stage's steps; ``env`` maps value names to values (updated and returned).
         A value is dropped from ``env`` after its last reader here, unless named in ``keep``
         (what the caller reads afterwards: the stage's outputs)."""
         keep = set(keep)
-        self._dropped = 0
+        dropped = 0
         for (block, recompute, offload), steps in self._segments:
             inner = _offload_pack_unpack(self.rmesh.device) if offload else None
             if self._zero3 is not None and torch.is_grad_enabled():
@@ -478,11 +482,11 @@ class Executor:
             with ctx:
                 if recompute and torch.is_grad_enabled():
                     self._run_checkpointed(steps, env)
-                    self._drop_dead(env, self._pos[steps[-1].node], keep)
+                    dropped = self._drop_dead(env, dropped, self._pos[steps[-1].node], keep)
                 else:
                     for s in steps:
                         env[s.node] = self._run_step(s, env)
-                        self._drop_dead(env, self._pos[s.node], keep)
+                        dropped = self._drop_dead(env, dropped, self._pos[s.node], keep)
         return env
 
     def _run_checkpointed(self, steps: list[NodeStep], env: dict) -> None:
