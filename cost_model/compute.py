@@ -102,6 +102,8 @@ _KERNEL_BY_NAME: tuple[tuple[str, str], ...] = (
 
 #: kernel -> the measured kernel that stands in for it on a profile taken before it was measured
 _KERNEL_FALLBACK = {"gelu_tanh": "gelu"}
+#: attention dtypes the profiler does not time -> the one that stands in (same tensor-core rate)
+_SDPA_FALLBACK = {"fp16": "bf16", "tf32": "fp32"}
 
 
 def kernel_class(node_kind: str, target: str, kwargs: "dict | None" = None) -> "str | None":
@@ -112,9 +114,15 @@ def kernel_class(node_kind: str, target: str, kwargs: "dict | None" = None) -> "
     pooling; ELEMENTWISE nodes by name (transcendental ops by their function, ``mul``-like,
     else ``add``; a gelu with ``approximate="tanh"`` in ``kwargs`` is ``gelu_tanh``, whose
     tanh polynomial ran 4x slower than the erf form on the 2-core VM); CONV ``conv`` (priced by
-    FLOPs on the measured convolution fit); other kinds None (the roofline)."""
+    FLOPs on the measured convolution fit); ATTENTION ``sdpa`` or, with ``is_causal``,
+    ``sdpa_causal`` for ``scaled_dot_product_attention`` (priced on the fused kernel's fit
+    where a GPU profile has one); other kinds None (the roofline)."""
     k = str(getattr(node_kind, "value", node_kind)).lower()
     name = str(target).lower()
+    if k == "attention":  # the fused function only (nn.MultiheadAttention holds projections too)
+        if "scaled_dot_product" not in name:
+            return None
+        return "sdpa_causal" if (kwargs or {}).get("is_causal") else "sdpa"
     if k == "conv":
         return "conv"
     if k == "pool":  # max pooling (indices kept) is far below stream speed; average pooling is not
@@ -165,7 +173,16 @@ def node_time(flops: float, bytes_moved: float, elements: float, dtype, device: 
         rates = device.kernel_rates
         if kernel in _KERNEL_FALLBACK and not rates.get(f"{kernel}_fwd"):
             kernel = _KERNEL_FALLBACK[kernel]
-        if kernel == "conv":  # FLOP-priced: the measured fit (seconds = (flops + half) / rate)
+        if kernel in ("sdpa", "sdpa_causal"):
+            # FLOP-priced on the measured fit of the fused kernel, per dtype (profiled GPUs):
+            # replaces the matmul roofline, which prices a causal mask's skipped half
+            d = normalize_dtype(dtype)
+            key = f"{kernel}_{d}" if rates.get(f"{kernel}_{d}_fwd") else f"{kernel}_{_SDPA_FALLBACK.get(d, d)}"
+            if rates.get(f"{key}_fwd") and flops > 0:
+                fwd = (flops + rates.get(f"{key}_fwd_half", 0.0)) / rates[f"{key}_fwd"]
+            if rates.get(f"{key}_bwd") and flops > 0:
+                bwd = (BACKWARD_FACTOR * flops + rates.get(f"{key}_bwd_half", 0.0)) / rates[f"{key}_bwd"]
+        elif kernel == "conv":  # FLOP-priced: the measured fit (seconds = (flops + half) / rate)
             if rates.get("conv_fwd") and flops > 0:
                 fwd = max(fwd, (flops + rates.get("conv_fwd_half", 0.0)) / rates["conv_fwd"])
             if rates.get("conv_bwd") and flops > 0:

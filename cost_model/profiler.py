@@ -471,6 +471,52 @@ def _conv_rates(device: str, per_call: Callable) -> dict[str, float]:
     return out
 
 
+#: fused attention timed on a GPU, (batch, heads, sequence, head dim): a small and a large
+#: case, for the fit ``seconds = (flops + half) / rate`` per dtype and mask
+GPU_SDPA_SHAPES: tuple[tuple[int, int, int, int], ...] = ((4, 16, 512, 64), (8, 16, 2048, 64))
+
+
+def attention_rates(device: str = "cuda", dtypes: Sequence[str] = ("fp32", "bf16"),
+                    shapes: Sequence[tuple[int, int, int, int]] = GPU_SDPA_SHAPES, reps: int = 7,
+                    copies: int = 4) -> dict[str, float]:
+    """``sdpa[_causal]_DTYPE_fwd`` / ``_bwd`` (FLOP/s) and their ``_half`` (FLOPs): fits of
+    ``F.scaled_dot_product_attention`` over ``shapes``. FLOPs are counted in full, as the graph
+    counts them (QK^T and AV, ``autopar.graph._attention_flops``); backward as twice that.
+    Each timing runs ``copies`` independent attentions per synchronisation, and their
+    backward in one ``autograd.grad`` call, as a model's step does: timed one call at a time,
+    the sync and the backward call's start (~50 us) made a 50 us bf16 kernel look 1.8x slower.
+
+    Why: on the lent H100 the fused kernels ran causal attention in 0.57-0.72x the time the
+    matmul fit gives its full FLOPs (they skip the masked half), and attention's backward took
+    2.6-4.1x its forward, where matmuls take 2x."""
+    import torch
+    import torch.nn.functional as F
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    out: dict[str, float] = {}
+    for d in dtypes:
+        for causal in (False, True):
+            fwd, bwd = [], []
+            for b, h, n, hd in shapes:
+                qkv = [[torch.randn(b, h, n, hd, device=device, dtype=_torch_dtype(d), requires_grad=True)
+                        for _ in range(3)] for _ in range(copies)]
+                run = lambda: [F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+                               for q, k, v in qkv]
+                flops = 4.0 * b * h * n * n * hd
+                fwd.append((flops, _median_time(run, reps, sync) / copies))
+                ys = run()
+                gys = [torch.randn_like(y) for y in ys]
+                leaves = [t for group in qkv for t in group]
+                bwd.append((2 * flops, _median_time(
+                    lambda: torch.autograd.grad(ys, leaves, gys, retain_graph=True), reps, sync) / copies))
+            name = f"sdpa{'_causal' if causal else ''}_{d}"
+            for key, pts in ((f"{name}_fwd", fwd), (f"{name}_bwd", bwd)):
+                t0, rate = fit_overhead_rate(pts)
+                out[key] = rate
+                out[f"{key}_half"] = max(1.0, t0 * rate)
+    return out
+
+
 #: elements of the large tensors an optimizer step is also timed on (16 MiB in fp32, four times
 #: the 2-core VM's L2): Adam ran at 326 M elements/s over 5 MiB embedding tables there and at
 #: 893 M over 1 MiB tensors; ``autopar.cost_model.compute.optimizer_step_time`` interpolates.
@@ -1510,6 +1556,7 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
         # layer norm, softmax, gelu ... at their streaming rates: a layer norm's backward (two
         # reductions) is not the roofline's 2x its forward
         gpu_kernels = kernel_rates(GPU_KERNEL_SHAPE, device="cuda", reps=5, chain=4, conv=False)
+        gpu_kernels.update(attention_rates("cuda"))
         props = torch.cuda.get_device_properties(0)
         link_name = "nvlink-c2c" if arch == "aarch64" else ("pcie5" if host_bw > 32e9 else "pcie4")
         raw["gpu"] = {"matmul": gpu_mm, "stream": gpu_bw, "host_copy": host_bw, "name": props.name,

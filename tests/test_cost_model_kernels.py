@@ -139,6 +139,30 @@ def test_node_time_prices_a_convolution_by_its_measured_fit():
     assert f2 == pytest.approx(roof + _cpu().op_overhead_s)
 
 
+def test_attention_is_priced_on_its_measured_fit_per_dtype_and_mask():
+    """A profiled GPU carries fits of the fused attention kernel (causal and full, per dtype);
+    they replace the matmul roofline, which prices a causal mask's skipped half. Devices
+    without them (catalog, CPU profiles) keep the roofline."""
+    assert kernel_class(OpKind.ATTENTION, "torch._C._nn.scaled_dot_product_attention",
+                        {"is_causal": True}) == "sdpa_causal"
+    assert kernel_class(OpKind.ATTENTION, "torch._C._nn.scaled_dot_product_attention") == "sdpa"
+    assert kernel_class(OpKind.ATTENTION, "MultiheadAttention") is None  # projections inside
+    h100 = get_device("h100-sxm")
+    fits = {"sdpa_causal_fp32_fwd": 8e13, "sdpa_causal_fp32_fwd_half": 1e9,
+            "sdpa_causal_fp32_bwd": 4e13, "sdpa_causal_fp32_bwd_half": 2e9,
+            "sdpa_causal_bf16_fwd": 6e14, "sdpa_causal_bf16_bwd": 3e14}
+    gpu = h100.replace(kernel_rates=fits)
+    flops = 1e12
+    f, b = node_time(flops, 1e8, 1e7, "fp32", gpu, "matmul", "sdpa_causal")
+    assert f == pytest.approx((flops + 1e9) / 8e13 + gpu.op_overhead_s)
+    assert b == pytest.approx((2 * flops + 2e9) / 4e13 + BACKWARD_FACTOR * gpu.op_overhead_s)
+    f16, _ = node_time(flops, 1e8, 1e7, "fp16", gpu, "matmul", "sdpa_causal")  # fp16 takes bf16's fit
+    assert f16 == pytest.approx(flops / 6e14 + gpu.op_overhead_s)
+    roof = node_time(flops, 1e8, 1e7, "fp32", h100, "matmul", "sdpa_causal")
+    assert roof == node_time(flops, 1e8, 1e7, "fp32", h100, "matmul", None)
+    assert node_time(flops, 1e8, 1e7, "fp32", gpu, "matmul", "sdpa") == roof  # full mask not measured
+
+
 def test_optimizer_step_overhead():
     cpu = _cpu(optimizer_tensor_overhead_s={"adam": 2e-5, "sgd": 5e-6})
     assert optimizer_step_overhead(50, "adam", cpu) == pytest.approx(1e-3)
@@ -157,6 +181,14 @@ def test_profiler_kernel_and_optimizer_measurements_run():
     assert set(opt["elements_per_s"]) == {"adam", "sgd", "adam_large", "sgd_large"}
     assert set(opt["per_tensor_s"]) == {"adam", "sgd"} and all(v >= 0 for v in opt["per_tensor_s"].values())
     assert all(v > 0 for v in opt["elements_per_s"].values())
+
+
+def test_profiler_attention_fits_run():
+    from autopar.cost_model.profiler import attention_rates
+    rates = attention_rates("cpu", ("fp32",), shapes=((1, 2, 32, 8), (2, 2, 64, 8)), reps=2)
+    names = {f"sdpa{c}_fp32_{d}" for c in ("", "_causal") for d in ("fwd", "bwd")}
+    assert set(rates) == names | {f"{n}_half" for n in names}
+    assert all(rates[n] > 1e6 and rates[f"{n}_half"] >= 1 for n in names), rates
 
 
 def test_runtime_node_overhead_measured_on_the_runtime():
