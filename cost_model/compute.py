@@ -210,6 +210,9 @@ def node_time(flops: float, bytes_moved: float, elements: float, dtype, device: 
 #: Tensor sizes (elements) the profiler times the optimizer on: its default 2^21 elements over
 #: 8 tensors (``optimizer_rates[OPT]``) and 2 tensors of 2^22 (``optimizer_rates[OPT_large]``,
 #: streaming from memory; :data:`autopar.cost_model.profiler.LARGE_OPT_TENSOR`).
+#: prefix of a GPU DeviceSpec's optimizer rates that were measured on its host's CPU, where an
+#: offloaded optimizer steps (ZeRO-Offload)
+HOST_RATE_PREFIX = "host_"
 OPT_SMALL_TENSOR = (1 << 21) // 8
 OPT_LARGE_TENSOR = 1 << 22
 
@@ -238,8 +241,8 @@ def optimizer_step_time(numel: float, num_tensors: int, optimizer: str, device: 
     ``on_host``: the step of offloaded optimizer state, which runs on the host's CPU: a
     profiled GPU carries its host's measured rates as ``host_*`` entries. torch.optim.Adam on
     the 16-core host of the lent H100 ran at 0.85-0.98 G elements/s on 4 M-element tensors,
-    where the DRAM roofline of the catalog socket says ~20."""
-    prefix = "host_" if on_host else ""
+    where the DRAM roofline of the catalog socket (24 bytes an element) says 15."""
+    prefix = HOST_RATE_PREFIX if on_host else ""
     key = _opt_key(optimizer, device.optimizer_rates, prefix)
     rate = device.optimizer_rates.get(key)
     if not rate:

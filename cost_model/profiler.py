@@ -79,6 +79,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from .cluster import Cluster, LinkSpec, cluster_from_profile, default_profile_path, host_memory_bytes
 from .collectives import alpha_beta_factors
+from .compute import HOST_RATE_PREFIX
 from .device import DTYPES, DeviceSpec, Provenance
 
 DEFAULT_MATMUL_SIZES: tuple[int, ...] = (128, 256, 512, 1024)
@@ -356,8 +357,6 @@ def host_copy_bandwidth(numel: int = 1 << 24) -> float:
 #: prices ELEMENTWISE / NORM / SOFTMAX nodes on a measured device (see compute.kernel_class).
 KERNELS: tuple[str, ...] = ("gelu", "gelu_tanh", "silu", "tanh", "exp", "softmax", "layer_norm", "add", "mul",
                             "batch_norm", "max_pool")
-#: prefix of a GPU DeviceSpec's optimizer rates measured on its host's CPU (ZeRO-Offload steps there)
-HOST_PREFIX = "host_"
 KERNEL_SHAPE: tuple[int, int] = (512, 1024)  # 2 MiB fp32: a GPT MLP activation of the small models
 #: On a GPU: 256 MiB fp32, so the rate is the kernel's streaming rate (a small tensor's time is
 #: the launch cost, priced separately as op_overhead_s) and the autograd engine's fixed start
@@ -1568,7 +1567,7 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
             prov(f"{props.name}; host link kind guessed from measured copy bandwidth; kernel rates "
                  f"fp32 on {GPU_KERNEL_SHAPE[0]}x{GPU_KERNEL_SHAPE[1]}; host_* optimizer rates: this "
                  f"host's CPU, where an offloaded optimizer steps"), kernels=gpu_kernels,
-            optimizer={k: {f"{HOST_PREFIX}{o}": v for o, v in opt_costs[k].items()}
+            optimizer={k: {f"{HOST_RATE_PREFIX}{o}": v for o, v in opt_costs[k].items()}
                        for k in ("per_tensor_s", "elements_per_s")})
         say(f"gpu {props.name}: bf16 {gpu.peak_flops['bf16'] / 1e12:.1f} TFLOP/s, host link {host_bw / 1e9:.1f} GB/s")
         devices = {n: gpu for n in range(1, nproc + 1)}
