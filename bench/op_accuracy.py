@@ -94,19 +94,15 @@ def build(kind: str, shape: tuple, device: str, dtype, seed: int = 0):
     return mod.to(device=device, dtype=dtype), x.to(device=device, dtype=dtype)
 
 
-def predict(mod, x, cluster, precision: str) -> tuple[float, float]:
-    """Sum of the solver's per-node forward / backward seconds for ``mod`` on one device."""
-    from autopar.graph import capture
-    from autopar.solvers.api import SolverOptions, analyze, check_constraints, default_registry, search
+def predict(struct, cluster, precision: str) -> tuple[float, float]:
+    """Sum of the solver's per-node forward / backward seconds for a one-op graph
+    (``analyze``'d) on one device of ``cluster``."""
+    from autopar.solvers.api import SolverOptions, check_constraints, default_registry, search
 
-    cpu_mod, cpu_x = mod.to("cpu", dtype=_f32()), x.detach().to("cpu", dtype=_f32())
-    graph = capture(cpu_mod, (cpu_x,))
-    reg = default_registry()
-    struct = analyze(graph, reg)
     cons = check_constraints(dict(dp=1, tp=1, pp=1, num_microbatches=1, recompute="none", zero=0,
                                   offload="none", schedule="none"))
-    out = search(struct, reg, cluster, precision=precision, optimizer="adam", options=SolverOptions(),
-                 constraints=cons)
+    out = search(struct, default_registry(), cluster, precision=precision, optimizer="adam",
+                 options=SolverOptions(), constraints=cons)
     cg, d = out.costed, out.decision
     dev = cg.stages[0].device
     fwd = sum(n.forward_s[dev][d.strategy[n.name]] for n in cg.nodes)
@@ -114,10 +110,16 @@ def predict(mod, x, cluster, precision: str) -> tuple[float, float]:
     return fwd, both - fwd
 
 
-def _f32():
+def _structure(kind: str, shape: tuple):
+    """The one-op module captured (on the CPU, fp32: pricing reads shapes, not values) and
+    analysed, as the solver sees a model."""
     import torch
 
-    return torch.float32
+    from autopar.graph import capture
+    from autopar.solvers.api import analyze, default_registry
+
+    mod, x = build(kind, shape, "cpu", torch.float32)
+    return analyze(capture(mod, (x,)), default_registry())
 
 
 def measure(mods, xs, reps: int, rounds: int) -> tuple[float, float]:
@@ -183,20 +185,19 @@ def run(profile_path: str, device: str, dtypes: list[str], ops: dict, reps: int,
     prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     rows = []
+    structs = {label: _structure(kind, shape) for label, (kind, shape) in ops.items()}
     try:
         for dt in dtypes:
             precision = {"fp32": "fp32", "bf16": "bf16-mixed", "fp16": "fp16-mixed"}[dt]
             tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
             for label, (kind, shape) in ops.items():
-                mod, x = build(kind, shape, device, tdt)
-                pf, pb = predict(mod, x, cluster, precision)
-                cf, cb = predict(mod, x, ref, precision) if ref is not None else (math.nan, math.nan)
+                pf, pb = predict(structs[label], cluster, precision)
+                cf, cb = predict(structs[label], ref, precision) if ref is not None else (math.nan, math.nan)
                 built = [build(kind, shape, device, tdt, seed=i) for i in range(copies)]
                 mf, mb = measure([b[0] for b in built], [b[1] for b in built], reps, rounds)
                 del built
                 rows.append(dict(op=label, dtype=dt, pred_fwd=pf, meas_fwd=mf, pred_bwd=pb, meas_bwd=mb,
                                  catalog_fwd=cf, catalog_bwd=cb))
-                del mod, x
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
     finally:

@@ -223,12 +223,13 @@ def _opt_key(optimizer: str, table, prefix: str = "") -> str:
     return prefix + ("adam" if o == "adamw" and prefix + "adamw" not in table else o)
 
 
-def optimizer_step_overhead(num_tensors: int, optimizer: str, device: DeviceSpec) -> float:
+def optimizer_step_overhead(num_tensors: int, optimizer: str, device: DeviceSpec, prefix: str = "") -> float:
     """Fixed seconds of one optimizer step over ``num_tensors`` parameter tensors (the
     per-tensor kernel series of a single-tensor optimizer), from the device's measured
-    ``optimizer_tensor_overhead_s``; 0 where not measured (catalog devices)."""
+    ``optimizer_tensor_overhead_s``; 0 where not measured (catalog devices). ``prefix``
+    :data:`HOST_RATE_PREFIX` reads the host CPU's figure that a profiled GPU carries."""
     table = device.optimizer_tensor_overhead_s
-    return num_tensors * table.get(_opt_key(optimizer, table), 0.0)
+    return num_tensors * table.get(_opt_key(optimizer, table, prefix), 0.0)
 
 
 def optimizer_step_time(numel: float, num_tensors: int, optimizer: str, device: DeviceSpec,
@@ -253,6 +254,4 @@ def optimizer_step_time(numel: float, num_tensors: int, optimizer: str, device: 
         # between the two measured tensor sizes, the rate moves with log(size); beyond, large
         f = min(1.0, math.log(per / OPT_SMALL_TENSOR) / math.log(OPT_LARGE_TENSOR / OPT_SMALL_TENSOR))
         rate = rate * (large / rate) ** f
-    table = device.optimizer_tensor_overhead_s
-    per_tensor = table.get(_opt_key(optimizer, table, prefix), 0.0)
-    return numel / rate + num_tensors * per_tensor
+    return numel / rate + optimizer_step_overhead(num_tensors, optimizer, device, prefix)

@@ -384,10 +384,7 @@ class Executor:
         self._pos = {s.node: i for i, s in enumerate(self.steps)}
         last: dict[str, int] = {}
         for i, s in enumerate(self.steps):
-            for a in self.fx_nodes[s.node].all_input_nodes:
-                if a.op != "get_attr":
-                    last[a.name] = i
-            for name in s.inputs:
+            for name in s.inputs:  # the node's non-parameter inputs (graph._node_inputs)
                 last[name] = i
         self._dies_at: dict[int, list[str]] = {}
         for name, i in last.items():
