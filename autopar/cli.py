@@ -5,7 +5,7 @@
     autopar run SCRIPT.py --nproc 4 [script args]  |  autopar run MODEL --cluster local:4 --steps 20
     autopar show PLAN.json [--png FILE]
     autopar explain PLAN.json NODE [--top K]
-    autopar profile [--out FILE] [--nproc N]
+    autopar profile [--out FILE] [--nproc N] [--repeat K]
     autopar validate PLAN.json [--cluster NAME]
 
 MODEL is ``pkg.module:function`` or ``path/file.py:function``; the function returns
@@ -393,7 +393,9 @@ def cmd_profile(args: argparse.Namespace, say: Progress) -> int:
     out = args.out or str(default_profile_path())
     if args.nproc < 1:
         raise CliError(f"--nproc must be at least 1, got {args.nproc}")
-    cluster = profile(args.nproc, out, say)
+    if args.repeat < 1:
+        raise CliError(f"--repeat must be at least 1, got {args.repeat}")
+    cluster = profile(args.nproc, out, say, repeat=args.repeat)
     dev = cluster.groups[0].device
     link = cluster.groups[0].intra_node_link
     info = {"out": out, "cluster": cluster.name, "world_size": cluster.world_size, "device": dev.name,
@@ -504,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="FILE", help="profile JSON (default $AUTOPAR_PROFILE or "
                                                  "~/.cache/autopar/profile.json)")
     s.add_argument("--nproc", type=int, default=2, help="largest process count to measure (default 2)")
+    s.add_argument("--repeat", type=int, default=1, metavar="K",
+                   help="measure K times back to back and keep each figure's median (default 1; "
+                        "on a shared or noisy host 3 makes predictions far steadier, at K times the time)")
     s.set_defaults(func=cmd_profile)
 
     s = sub.add_parser("validate", parents=[common, json_flag],

@@ -9,6 +9,10 @@ not all Python overhead on CPU), on ``nproc`` local gloo processes:
   (dp, tp, dp x tp, pp, pp x dp; ZeRO-3 dp too), each with its predicted step time, plus the
   solver's free choice on ``local:N``; a candidate the solver cannot produce falls back to the
   hand-written layout of :func:`autopar.runtime.testing.make_plan` (marked "hand");
+- the predictions come from a profile of this machine taken in the same run: by default the
+  figure-by-figure median of three profiles back to back (``--profile-repeat``), since one
+  profile of a shared host is one noisy draw and the candidates are often within 10 % of each
+  other;
 - every candidate is applied and trained (Adam, synthetic batch) alone, as a training job
   would run it: in its own N fresh processes, built, 2 warm-up steps, its share of ``steps``
   timed steps; two passes over the candidates in alternating order so drift of a shared
@@ -214,8 +218,12 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default="mlp,gpt,llama")
     ap.add_argument("--profile", default="",
                     help="use this profile JSON for local:N instead of profiling now")
+    ap.add_argument("--profile-repeat", type=int, default=3, metavar="K",
+                    help="profiles taken back to back, each figure their median (default 3)")
     ap.add_argument("--measure", nargs=4, metavar=("MODEL", "PLAN", "OUT", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.profile_repeat < 1:
+        ap.error(f"--profile-repeat must be at least 1, got {args.profile_repeat}")
     if args.measure:
         name, plan_file, out, steps = args.measure
         measure_worker(name, plan_file, out, int(steps))
@@ -232,7 +240,8 @@ def main(argv=None) -> None:
 
         path = os.path.join(tempfile.mkdtemp(prefix="autopar-plan-choice-"), "profile.json")
         t0 = time.perf_counter()
-        profile(nproc=args.nproc, out=path, progress=lambda m: print(f"  profile: {m}", flush=True))
+        profile(nproc=args.nproc, out=path, progress=lambda m: print(f"  profile: {m}", flush=True),
+                repeat=args.profile_repeat)
         print(f"profiled this machine for local:{args.nproc} in {time.perf_counter() - t0:.1f} s", flush=True)
         os.environ["AUTOPAR_PROFILE"] = path
 

@@ -1379,7 +1379,7 @@ def _arch() -> str:
 
 
 def profile(nproc: int = 2, out: Union[str, os.PathLike, None] = None, progress: Progress = None, *,
-            matmul_sizes: Sequence[int] = DEFAULT_MATMUL_SIZES,
+            repeat: int = 1, matmul_sizes: Sequence[int] = DEFAULT_MATMUL_SIZES,
             collective_bytes: Sequence[int] = DEFAULT_COLLECTIVE_BYTES,
             dtypes: Sequence[str] = DEFAULT_DTYPES, stream_numel: int = 1 << 24,
             window_s: float = 0.2, timeout_s: float = 300.0, start_method: str = "spawn") -> Cluster:
@@ -1387,20 +1387,51 @@ def profile(nproc: int = 2, out: Union[str, os.PathLike, None] = None, progress:
     :func:`default_profile_path`) the ``local:nproc`` cluster. ``progress`` gets one-line
     strings as phases finish. ``start_method`` ("spawn", or "fork" where exec of a new
     interpreter is impossible, e.g. under qemu-user) starts the ranks; they are started
-    before this process runs any torch op, so a forked rank inherits no thread pool."""
+    before this process runs any torch op, so a forked rank inherits no thread pool.
+
+    ``repeat`` > 1 measures the machine that many times back to back and writes the
+    figure-by-figure median (:mod:`autopar.cost_model.profile_merge`: on a shared host one
+    profile is one noisy draw). The file is written once, at the end, through a temporary
+    file, so an interrupted profile leaves the previous one in place."""
     import torch
 
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"profile: nproc must be an int >= 1, got {nproc!r}")
+    if not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"profile: repeat must be an int >= 1, got {repeat!r}")
+    if repeat > 1 and nproc >= 2 and start_method == "fork":
+        raise ValueError("profile: repeat > 1 needs start_method='spawn': the ranks of the second "
+                         "round would be forked from a process that has run torch ops (its thread pool)")
     say = progress or (lambda s: None)
-    host = _Host.here()
+    started = time.perf_counter()
     prev_threads = torch.get_num_threads()
+    parts = []
     try:
-        torch.set_num_threads(host.cores)
-        return _profile(nproc, out, say, host, matmul_sizes, collective_bytes, dtypes, stream_numel,
-                        window_s, timeout_s, start_method)
+        for r in range(repeat):
+            host = _Host.here()
+            torch.set_num_threads(host.cores)
+            part_say = say if repeat == 1 else (lambda s, r=r: say(f"[{r + 1}/{repeat}] {s}"))
+            parts.append(_profile(nproc, part_say, host, matmul_sizes, collective_bytes, dtypes,
+                                  stream_numel, window_s, timeout_s, start_method))
     finally:
         torch.set_num_threads(prev_threads)
+    from .profile_merge import merge_profiles
+
+    data = {"profile": merge_profiles(parts)}
+    cluster = cluster_from_profile(data, nproc)
+    doc = cluster.to_json()
+    doc["profile"] = data["profile"]
+    path = Path(out) if out is not None else default_profile_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    say(f"wrote {path} in {time.perf_counter() - started:.1f} s"
+        + (f" (the median of {repeat} profiles)" if repeat > 1 else ""))
+    return cluster
 
 
 @dataclass(frozen=True)
@@ -1440,8 +1471,9 @@ def _run_ranks(nproc: int, cfg: dict, start_method: str) -> dict:
         return json.loads(Path(result_path).read_text())
 
 
-def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes, collective_bytes,
-             dtypes, stream_numel: int, window_s: float, timeout_s: float, start_method: str) -> Cluster:
+def _profile(nproc: int, say: Callable[[str], None], h: _Host, matmul_sizes, collective_bytes,
+             dtypes, stream_numel: int, window_s: float, timeout_s: float, start_method: str) -> dict:
+    """One measurement of this machine: the ``"profile"`` section of a profile document."""
     import torch
 
     host, date, cores, mem, arch, cuda, prov = h.name, h.date, h.cores, h.memory_bytes, h.arch, h.cuda, h.provenance
@@ -1641,17 +1673,9 @@ def _profile(nproc: int, out, say: Callable[[str], None], h: _Host, matmul_sizes
                     f"{d} {max(f / t for f, t in rows) / 1e9:.1f} GFLOP/s" for d, rows in mm.items())
                     + _gemm_fit_note(devices[n]))
 
-    data = {"profile": {"version": PROFILE_VERSION, "host": host, "date": date, "arch": arch,
-                        "cpu_count": cores, "nproc": nproc, "torch": torch.__version__,
-                        "gpu_count": torch.cuda.device_count() if cuda else 0,
-                        "device_by_nproc": {str(k): v.to_json() for k, v in devices.items()},
-                        "link_by_nproc": {str(k): v.to_json() for k, v in links.items()},
-                        "raw": raw, "wall_s": time.perf_counter() - started}}
-    cluster = cluster_from_profile(data, nproc)
-    doc = cluster.to_json()
-    doc["profile"] = data["profile"]
-    path = Path(out) if out is not None else default_profile_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1))
-    say(f"wrote {path} in {time.perf_counter() - started:.1f} s")
-    return cluster
+    return {"version": PROFILE_VERSION, "host": host, "date": date, "arch": arch,
+            "cpu_count": cores, "nproc": nproc, "torch": torch.__version__,
+            "gpu_count": torch.cuda.device_count() if cuda else 0,
+            "device_by_nproc": {str(k): v.to_json() for k, v in devices.items()},
+            "link_by_nproc": {str(k): v.to_json() for k, v in links.items()},
+            "raw": raw, "wall_s": time.perf_counter() - started}

@@ -164,3 +164,7 @@ def test_profile_writes_a_cluster(tmp_path):
     from autopar.cost_model.cluster import local_cluster
 
     assert local_cluster(1, out).world_size == 1
+    # a repeat count below 1 is refused before anything is measured, and nothing is written
+    bad = tmp_path / "bad.json"
+    res = run_cli("profile", "--nproc", "1", "--repeat", "0", "--out", bad, cwd=tmp_path)
+    assert res.returncode == 1 and "--repeat must be at least 1, got 0" in res.stderr and not bad.exists()

@@ -202,3 +202,82 @@ def test_profile_on_aarch64_under_qemu(tmp_path):
            "-c", _ARM_SCRIPT, str(repo), str(tmp_path / "profile.json")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=tmp_path)
     assert res.returncode == 0 and "ARM PROFILE OK" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- repeated profiles
+
+def _profile_section(host: str, date: str, fp32: float, latency: float, cores: int = 2) -> dict:
+    """A two-process profile section as :func:`profile` writes it, with chosen figures."""
+    from autopar.cost_model import catalog
+
+    prov = Provenance(source=f"measured on {host} at {date}", date=date, host=host, notes="test")
+    dev = catalog.x86_server().replace(name="local-cpu/2", cores=cores, provenance=prov,
+                                       peak_flops={d: fp32 for d in ("fp32", "tf32", "bf16", "fp16")},
+                                       shared_speedup=(1.0, 1.0))
+    link = catalog.local_shm().__class__(name="local-gloo", bandwidth=2e9, latency=latency, provenance=prov,
+                                         collective_fits=(("all_reduce", latency, 1e9),), skew_fraction=0.25)
+    return {"version": 1, "host": host, "date": date, "arch": "x86_64", "cpu_count": 2, "nproc": 2,
+            "torch": "2.13.0+cpu", "gpu_count": 0, "device_by_nproc": {"2": dev.to_json()},
+            "link_by_nproc": {"2": link.to_json()},
+            "raw": {"matmul": {"2": {"fp32": [[1e6, 1e-5 * fp32 / 1e11], [8e6, 8e-5]]}}, "threads": {"2": 1}},
+            "wall_s": 100.0}
+
+
+def test_merge_profiles_takes_each_figure_s_median():
+    from autopar.cost_model.cluster import cluster_from_profile
+    from autopar.cost_model.profile_merge import median_figures, merge_profiles, profile_parts
+
+    parts = [_profile_section("vm", f"2026-11-23T0{i}:00:00Z", fp32, lat)
+             for i, (fp32, lat) in enumerate([(1e11, 2e-4), (3e11, 1.3e-3), (2e11, 9e-4)])]
+    merged = merge_profiles(parts)
+    dev = DeviceSpec.from_json(merged["device_by_nproc"]["2"])
+    assert dev.peak_flops["fp32"] == 2e11 and dev.cores == 2  # ints stay ints
+    cluster = cluster_from_profile({"profile": merged}, 2)
+    link = cluster.groups[0].intra_node_link
+    # a fitted pair is merged figure by figure: here each from the middle profile of its own
+    assert link.latency == pytest.approx(9e-4) and link.alpha_beta("all_reduce") == pytest.approx((9e-4, 1e9))
+    assert merged["raw"]["matmul"]["2"]["fp32"][0][1] == pytest.approx(2e-5)
+    # what was merged is on record, and in every spec's provenance
+    assert merged["merged"]["count"] == 3 and merged["wall_s"] == 300.0
+    assert merged["date"] == parts[-1]["date"]
+    assert "median of 3 profiles" in dev.provenance.notes and "median of 3" in link.provenance.notes
+    assert parts[0]["device_by_nproc"]["2"]["provenance"]["notes"] == "test"  # the inputs are not changed
+    # an even count: the mean of the middle two; an int, the lower of them; a lone profile, itself
+    assert median_figures([1.0, 4.0]) == 2.5 and median_figures([1, 4]) == 1
+    assert merge_profiles(parts[:1]) == parts[0]
+    # the parts stay readable one by one: what each profile alone would have predicted
+    alone = [cluster_from_profile({"profile": p}, 2).groups[0].device.peak_flops["fp32"]
+             for p in profile_parts(merged)]
+    assert alone == [1e11, 3e11, 2e11] and profile_parts(parts[0]) == [parts[0]]
+    # lists of different lengths or keys missing somewhere: the first document's
+    assert median_figures([{"a": [1.0, 2.0], "b": 1.0}, {"a": [3.0], "c": 2.0}]) == {"a": [1.0, 2.0], "b": 1.0}
+
+
+def test_merge_profiles_refuses_profiles_of_different_machines():
+    from autopar.cost_model.profile_merge import merge_profiles
+
+    a = _profile_section("vm", "2026-11-23T01:00:00Z", 1e11, 2e-4)
+    with pytest.raises(ValueError, match="host='other'"):
+        merge_profiles([a, _profile_section("other", "2026-11-23T02:00:00Z", 1e11, 2e-4)])
+    b = dict(a, device_by_nproc={**a["device_by_nproc"], "1": a["device_by_nproc"]["2"]})
+    with pytest.raises(ValueError, match="device_by_nproc for process counts"):
+        merge_profiles([a, b])
+    with pytest.raises(ValueError, match="no profiles"):
+        merge_profiles([])
+
+
+def test_profile_repeat_writes_one_merged_profile(tmp_path):
+    out = tmp_path / "profile.json"
+    messages: list[str] = []
+    cluster = profile(1, out, messages.append, repeat=2, matmul_sizes=(32, 64), dtypes=("fp32",),
+                      stream_numel=1 << 16, window_s=0.02)
+    prof = json.loads(out.read_text())["profile"]
+    assert Cluster.from_json(json.loads(out.read_text())) == cluster
+    assert cluster.groups[0].device == DeviceSpec.from_json(prof["device_by_nproc"]["1"])
+    assert prof["merged"]["count"] == 2 and len(prof["merged"]["dates"]) == 2
+    assert any(m.startswith("[2/2] ") for m in messages) and "median of 2 profiles" in messages[-1]
+    assert [p.name for p in tmp_path.iterdir()] == ["profile.json"]  # no temporary file left behind
+    with pytest.raises(ValueError, match="repeat must be an int >= 1"):
+        profile(1, out, repeat=0)
+    with pytest.raises(ValueError, match="start_method='spawn'"):
+        profile(2, out, repeat=2, start_method="fork")
