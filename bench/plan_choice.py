@@ -15,8 +15,11 @@ not all Python overhead on CPU), on ``nproc`` local gloo processes:
   other;
 - every candidate is applied and trained (Adam, synthetic batch) alone, as a training job
   would run it: in its own N fresh processes, built, 2 warm-up steps, its share of ``steps``
-  timed steps; two passes over the candidates in alternating order so drift of a shared
-  machine's speed hits all of them alike; step time is the median of its timed steps. (An
+  timed steps; ``--rounds`` passes (default 3) over the candidates in alternating order so
+  drift of a shared machine's speed hits all of them alike; step time is the median of its
+  timed steps. Three passes, not two: with two, one disturbed pass holds half of a plan's
+  steps and moves its median (GPT's dp read 254 ms in one run where its own processes, timed
+  alone in the same hour, read 138-154). (An
   earlier version ran every candidate one after the other in the same N processes: on the
   2-core VM GPT's interleaved pp2 x dp2 then measured 167-206 ms after the ZeRO-3 plan had
   run there, against 127-154 ms after the tensor-parallel ones, and that moved the verdict.)
@@ -128,7 +131,12 @@ def _plans(name: str, ws: int) -> tuple[dict, dict]:
     return plans, meta
 
 
-def _measure(name: str, plans: dict, nproc: int, steps: int, rounds: int = 2) -> dict:
+def _steps_per_round(steps: int, rounds: int) -> int:
+    """Timed steps in each pass: ``steps`` spread over the passes, at least 3 a pass."""
+    return max(3, -(-steps // rounds))
+
+
+def _measure(name: str, plans: dict, nproc: int, steps: int, rounds: int = 3) -> dict:
     """``{label: (median step s, None) or (None, error)}``: each plan trained in its own
     ``nproc`` fresh processes (:func:`measure_worker`), ``rounds`` passes over the plans in
     alternating order, ``steps`` timed steps in all per plan."""
@@ -136,7 +144,7 @@ def _measure(name: str, plans: dict, nproc: int, steps: int, rounds: int = 2) ->
 
     from autopar.runtime.testing import run_workers
 
-    per_round = max(3, -(-steps // rounds))
+    per_round = _steps_per_round(steps, rounds)
     times: dict[str, list[float]] = {k: [] for k in plans}
     errors: dict[str, str] = {}
     hung: dict[str, int] = {}
@@ -215,6 +223,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nproc", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="passes over the candidates (default 3)")
     ap.add_argument("--models", default="mlp,gpt,llama")
     ap.add_argument("--profile", default="",
                     help="use this profile JSON for local:N instead of profiling now")
@@ -222,6 +231,8 @@ def main(argv=None) -> None:
                     help="profiles taken back to back, each figure their median (default 3)")
     ap.add_argument("--measure", nargs=4, metavar=("MODEL", "PLAN", "OUT", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.profile_repeat < 1:
         ap.error(f"--profile-repeat must be at least 1, got {args.profile_repeat}")
     if args.measure:
@@ -246,7 +257,8 @@ def main(argv=None) -> None:
         os.environ["AUTOPAR_PROFILE"] = path
 
     print(f"plan choice on local:{args.nproc} ({args.nproc} gloo CPU processes, this machine), "
-          f"median of {args.steps} steps, each plan in its own processes", flush=True)
+          f"median of {_steps_per_round(args.steps, args.rounds) * args.rounds} steps in {args.rounds} "
+          f"alternating passes, each plan in its own processes each pass", flush=True)
     for name in args.models.split(","):
         plans, meta = _plans(name, args.nproc)
         # the solver's choice is often one of the candidates: measure that plan once (more
@@ -254,7 +266,7 @@ def main(argv=None) -> None:
         same = next((lbl for lbl, pl in plans.items()
                      if lbl != "solver" and "solver" in plans and _same_plan(pl, plans["solver"])), None)
         to_run = {k: v for k, v in plans.items() if not (same and k == "solver")}
-        measured = _measure(name, to_run, args.nproc, args.steps)
+        measured = _measure(name, to_run, args.nproc, args.steps, args.rounds)
         if same:
             measured["solver"] = measured[same]
             meta["solver"] = meta["solver"][:3] + (None,)
