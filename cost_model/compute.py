@@ -207,12 +207,12 @@ def node_time(flops: float, bytes_moved: float, elements: float, dtype, device: 
     return fwd, bwd
 
 
-#: Tensor sizes (elements) the profiler times the optimizer on: its default 2^21 elements over
-#: 8 tensors (``optimizer_rates[OPT]``) and 2 tensors of 2^22 (``optimizer_rates[OPT_large]``,
-#: streaming from memory; :data:`autopar.cost_model.profiler.LARGE_OPT_TENSOR`).
 #: prefix of a GPU DeviceSpec's optimizer rates that were measured on its host's CPU, where an
 #: offloaded optimizer steps (ZeRO-Offload)
 HOST_RATE_PREFIX = "host_"
+#: Tensor sizes (elements) the profiler times the optimizer on: its default 2^21 elements over
+#: 8 tensors (``optimizer_rates[OPT]``) and 2 tensors of 2^22 (``optimizer_rates[OPT_large]``,
+#: streaming from memory; :data:`autopar.cost_model.profiler.LARGE_OPT_TENSOR`).
 OPT_SMALL_TENSOR = (1 << 21) // 8
 OPT_LARGE_TENSOR = 1 << 22
 
