@@ -293,27 +293,9 @@ class Plan:
 
     def save(self, path) -> None:
         """Write atomically: a crash never leaves a half-written plan file behind."""
-        import os
-        import tempfile
+        from autopar.atomic_io import write_text_atomic
 
-        path = os.fspath(path)
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".json", dir=d)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            # mkstemp creates 0600; give the plan the mode any new file would get (umask)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_text_atomic(path, self.to_json(), prefix=".plan-", suffix=".json")
 
     @staticmethod
     def load(path) -> "Plan":

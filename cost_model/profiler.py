@@ -77,6 +77,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+from autopar.atomic_io import write_text_atomic
+
 from .cluster import Cluster, LinkSpec, cluster_from_profile, default_profile_path, host_memory_bytes
 from .collectives import alpha_beta_factors
 from .compute import HOST_RATE_PREFIX
@@ -1422,13 +1424,7 @@ def profile(nproc: int = 2, out: Union[str, os.PathLike, None] = None, progress:
     doc = cluster.to_json()
     doc["profile"] = data["profile"]
     path = Path(out) if out is not None else default_profile_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, json.dumps(doc, indent=1), prefix=".profile-", suffix=".json")
     say(f"wrote {path} in {time.perf_counter() - started:.1f} s"
         + (f" (the median of {repeat} profiles)" if repeat > 1 else ""))
     return cluster
