@@ -162,6 +162,12 @@ def _offload_pack_unpack(device: torch.device):
     return pack, unpack
 
 
+def _weights_on_host(lay, device: torch.device) -> bool:
+    """The plan offloads this parameter's weights and there is a host apart from the device to
+    hold them (on a CPU the host is the device: the weights stay where they are)."""
+    return "params" in lay.offload and device.type != "cpu"
+
+
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     """``t`` copied into pinned host memory (a no-op on a CPU). Pinned, because a copy to
     pageable memory is staged by the driver: on the lent H100 (PCIe 5, 52 GB/s pinned) the
@@ -392,7 +398,7 @@ class Executor:
         #: weights kept in (pinned) host memory and copied to the device at each use, as the
         #: plan's 'params' offload says (ZeRO-Infinity); on a CPU the host is the device
         self.host_params = frozenset(f for f, lay in program.params.items()
-                                     if f in params and "params" in lay.offload and rmesh.device.type != "cpu")
+                                     if f in params and _weights_on_host(lay, rmesh.device))
         zero3 = any(lay.gather == "use" for f, lay in program.params.items() if f in params)
         self._zero3 = _ZeroThreeGathers(self) if zero3 or self.host_params else None
         self._owner: dict[str, dict[str, str]] = {}  # call_module node -> {local param name: fqn}
@@ -1140,7 +1146,7 @@ def _materialize_params(graph: Graph, program: Program, rmesh: RankMesh, gm: fx.
         if full.is_meta:
             full = _init_from_owner(graph.module, fqn, seed if seed is not None else 0, owner_cache)
         placements = _dt(lay.storage)
-        on_host = "params" in lay.offload and rmesh.device.type != "cpu"
+        on_host = _weights_on_host(lay, rmesh.device)
         with torch.no_grad():
             loc = _local_slice(full.detach(), rmesh.stage_mesh, placements)
             # offloaded weights stay in pinned host memory (asynchronous copies to the device)
