@@ -67,7 +67,7 @@ def pipeline_time(stage_fwd_bwd_times: Sequence[Union[float, Sequence[float]]], 
 
 def shared_host_factor(num_stages: int, num_microbatches: int, ranks_per_stage: int,
                        shared_speedup: Sequence[float], virtual_stages: int = 1,
-                       backward_factor: float = 2.0) -> float:
+                       backward_factor: float = 2.0, drain_syncs: bool = False) -> float:
     """How much of its all-ranks-busy compute time a pipeline step takes on a host whose
     processes share cores (``DeviceSpec.shared_speedup``; 1.0 where nothing is shared).
 
@@ -77,12 +77,23 @@ def shared_host_factor(num_stages: int, num_microbatches: int, ranks_per_stage: 
     v m chunk-microbatches through p stages, time slot s (0 .. v m + p - 2) of the forward
     has ``k_s = min(s + 1, p, v m, v m + p - 1 - s)`` stages busy, i.e. ``k_s *
     ranks_per_stage`` processes, and runs 1 / speedup[busy - 1] as long as with every process
-    busy. The backward (``backward_factor`` times the forward's work) ramps up the same way,
-    but its drain gains nothing: the stages that finish first run their gradient sync and
-    optimizer step meanwhile. The factor is the work-weighted mean over the slots, and
+    busy. The backward (``backward_factor`` times the forward's work) fills the same way. Its
+    drain (the last p - 1 slots) is priced all-busy when a stage's ranks have peers
+    (``drain_syncs``: dp or tp > 1), and like the fill when each stage is one rank. With
+    peers the early-finishing stages all-reduce their gradients (gloo's reduction work on CPU
+    ranks) and the busy stages' tensor-parallel collectives keep them in step; a lone rank has
+    only its optimizer step left, which the step time adds after the pipeline already (see
+    ``solvers.evaluate``). The factor is the work-weighted mean over the slots, and
     multiplies stage compute in :func:`pipeline_time`'s ``(m + (p - 1) / v) t``; GPipe and
-    1F1B fill and drain alike. On the 2-core VM, GPT pp4 with 4 microbatches had been
-    predicted 2.5x its measured 118 ms with every slot priced at the 4-busy-process rate."""
+    1F1B fill and drain alike.
+
+    Measured on the 2-core VM: GPT pp4 with 4 microbatches had been predicted 2.5x its
+    measured 118 ms with every slot priced at the 4-busy-process rate. With every drain priced
+    all-busy, over six plan-choice runs pp4's predicted / measured step over dp's read
+    0.84-2.26 for GPT and LLaMA (median 1.33, above 1 in 11 of the 12). Pricing every drain
+    like the fill instead made LLaMA's pp2 x dp2 and the MLP's pp2 x tp2 the predicted best,
+    and those measured slower than dp (LLaMA, 1.13x, median of the same runs) and tp4 (MLP,
+    65-110 ms against 57-69 in earlier runs)."""
     p, mv = num_stages, num_microbatches * virtual_stages
     if p <= 1 or not shared_speedup:
         return 1.0
@@ -94,8 +105,10 @@ def shared_host_factor(num_stages: int, num_microbatches: int, ranks_per_stage: 
         return 1.0 / shared_speedup[min(n, max(1, busy)) - 1]
 
     forward = sum(slot_time(s) for s in range(slots))
-    ramp = min(p - 1, slots)  # the backward's drain: the last p - 1 slots
-    backward = sum(slot_time(s) for s in range(slots - ramp)) + ramp
+    backward = forward
+    if drain_syncs:
+        ramp = min(p - 1, slots)  # the backward's drain: the last p - 1 slots
+        backward = sum(slot_time(s) for s in range(slots - ramp)) + ramp
     return (forward + backward_factor * backward) / ((1.0 + backward_factor) * slots)
 
 

@@ -561,7 +561,7 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
     devices = {d.name: d for d in stage_devices}
     # a pipeline's idle stages give their cores to the busy ones where processes share cores
     shared = {d.name: shared_host_factor(cand.pp, m, cand.dp * cand.tp, d.shared_speedup, cand.virtual_stages,
-                                         backward_factor=BACKWARD_FACTOR)
+                                         backward_factor=BACKWARD_FACTOR, drain_syncs=cand.dp * cand.tp > 1)
               for d in stage_devices}
     cache = strategy_cache if strategy_cache is not None else {}
 

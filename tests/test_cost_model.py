@@ -423,13 +423,19 @@ def test_shared_host_factor_gives_idle_stages_cores_to_busy_ones():
     from autopar.cost_model.pipeline import shared_host_factor
 
     two_cores = (2.0, 2.0, 4 / 3, 1.0)  # 4 one-thread processes on 2 cores: speed with k busy
-    # pp4, 4 microbatches: forward slots have 1,2,3,4,3,2,1 stages busy; the backward ramps up
-    # alike but its drain (3 slots) is priced all-busy (early stages sync and step meanwhile)
-    fwd = 0.5 + 0.5 + 0.75 + 1 + 0.75 + 0.5 + 0.5
+    # pp4, 4 microbatches: slots have 1,2,3,4,3,2,1 stages busy, forward and backward alike
+    # (without dp peers the early stages have only their optimizer step left, priced after
+    # the pipeline)
+    slots = 0.5 + 0.5 + 0.75 + 1 + 0.75 + 0.5 + 0.5
+    assert shared_host_factor(4, 4, 1, two_cores) == pytest.approx(slots / 7)
+    # with dp peers the backward's drain (3 slots) is priced all-busy: the early stages
+    # all-reduce their gradients meanwhile
     bwd = 0.5 + 0.5 + 0.75 + 1 + 3
-    assert shared_host_factor(4, 4, 1, two_cores) == pytest.approx((fwd + 2 * bwd) / (3 * 7))
+    assert shared_host_factor(4, 4, 1, two_cores, drain_syncs=True) == pytest.approx((slots + 2 * bwd) / (3 * 7))
     # two ranks per stage: one busy stage is already 2 processes
-    assert shared_host_factor(2, 2, 2, two_cores) == pytest.approx((0.5 + 1 + 0.5 + 2 * (0.5 + 1 + 1)) / 9)
+    assert shared_host_factor(2, 2, 2, two_cores) == pytest.approx((0.5 + 1 + 0.5) / 3)
+    assert shared_host_factor(2, 2, 2, two_cores, drain_syncs=True) == pytest.approx(
+        (0.5 + 1 + 0.5 + 2 * (0.5 + 1 + 1)) / 9)
     # nothing shared, or no pipeline: no change
     assert shared_host_factor(4, 4, 1, ()) == 1.0 and shared_host_factor(1, 4, 4, two_cores) == 1.0
     # many microbatches: the fill and drain matter less
