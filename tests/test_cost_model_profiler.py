@@ -11,6 +11,7 @@ import pytest
 from autopar.cost_model import Cluster, DeviceSpec
 from autopar.cost_model.profiler import (_device_from_samples, _median_of, fit_check, fit_gemm, fit_link,
                                          fit_overhead_rate, gemm_bytes, profile)
+from autopar.cost_model.collectives import alpha_beta_factors
 from autopar.cost_model.compute import op_time
 from autopar.cost_model.device import Provenance
 
@@ -75,6 +76,19 @@ def test_fit_link_recovers_alpha_beta():
 
 
 
+def test_fit_link_without_size_dependence_stays_finite():
+    # every size took the same time (latency and noise swamp the bytes): the least-squares
+    # bandwidth is unbounded; the fit keeps the best throughput a sample achieved instead
+    n = 3
+    samples = {"all_reduce": [(1e3, 2e-3), (1e5, 2e-3), (1e6, 1.9e-3)],
+               "all_gather": [(1e3, 1e-3), (1e6, 0.95e-3)]}
+    a, b = fit_link(samples, n)
+    best = max(f * x / t for kind, pts in samples.items() for x, t in pts
+               for f in [alpha_beta_factors(kind, n)[1]])
+    assert b == pytest.approx(best) and b < 1e10
+    assert 0 <= a < 2e-3
+
+
 def test_zero_second_samples_are_left_out_of_fit_and_check():
     # an in-place sample can come out as 0 s (a tiny collective lost in the compute's noise);
     # it must neither bend the fit nor divide the fit check by zero
@@ -136,8 +150,12 @@ def test_profile_smoke_two_processes(tmp_path, monkeypatch):
     # three rounds spread over the phase (a host slowdown moves one), their median kept
     assert len(sync["skew_rounds"]) == 3 and sync["skew_fraction"] == statistics.median(sync["skew_rounds"])
     assert sync["skew_fraction"] == link.skew_fraction and "in place" in link.provenance.notes
-    # a step pays its collectives' mean: what a small all-reduce adds beyond its median, pooled
+    # a step pays its collectives' mean: what a small all-reduce adds beyond its median, per
+    # round over both ranks, the median of the three rounds (a burst of the host moves one)
     assert link.stall_s == sync["stall_s"] >= 0
+    assert len(sync["stall_rounds"]) == 3 and sync["stall_s"] == statistics.median(sync["stall_rounds"])
+    assert all(len(r["stall_rounds"]) == 3 for r in sync["samples"])
+    assert sync["stall_rounds"][0] == pytest.approx(sum(r["stall_rounds"][0] for r in sync["samples"]) / 2)
     # sync_s: a DTensor redistribute over the bare collective it issues, the mean over ranks
     extra = [r["t_dtensor"] for r in sync["samples"]]
     assert all(x is not None and x >= 0 for x in extra)
