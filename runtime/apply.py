@@ -61,6 +61,7 @@ from autopar.graph import Graph, capture
 from autopar.placements import Replicate as _Rep
 from autopar.placements import check_mesh, to_dtensor_placement
 from autopar.plan import Plan
+from autopar.runtime import shard_local
 from autopar.runtime import sync_batch_norm as sync_bn
 from autopar.runtime.mesh import RankMesh, build_mesh
 from autopar.runtime.steps import NodeStep, Program, RuntimeRefusal, plan_steps
@@ -539,10 +540,24 @@ class Executor:
             if n.op == "call_module":
                 sub = self.gm.get_submodule(n.target)
                 names = self._owner.get(s.node, {})
-                if args and sync_bn.applies(sub, args[0]):  # batch-sharded batch norm: statistic sums only
-                    vals = {pn: self.param_value(f, s) if f in self.params else getattr(sub, pn)
+
+                def own() -> dict:  # the module's parameters as this node computes with them
+                    return {pn: self.param_value(f, s) if f in self.params else getattr(sub, pn)
                             for pn, f in names.items()}
-                    out = sync_bn.sync_batch_norm(sub, args[0], vals.get("weight"), vals.get("bias"))
+
+                if args and not kwargs and sync_bn.applies(sub, args[0]):  # batch-local: statistic sums only
+                    vals = own()
+                    if sync_bn.params_match(args[0], vals.get("weight"), vals.get("bias")):
+                        out = sync_bn.sync_batch_norm(sub, args[0], vals.get("weight"), vals.get("bias"))
+                    else:  # affine parameters split otherwise: DTensor's rule
+                        out = torch.func.functional_call(sub, vals, tuple(args), kwargs, strict=False)
+                elif len(args) == 1 and not kwargs and shard_local.conv_applies(sub, args[0]):
+                    vals = own()
+                    w, b = vals.get("weight", sub.weight), vals.get("bias", sub.bias)
+                    if shard_local.conv_params_match(args[0], w, b):  # each rank's rows, no collective
+                        out = shard_local.conv(sub, args[0], w, b)
+                    else:  # a split weight (tensor-parallel channels): DTensor's rule
+                        out = torch.func.functional_call(sub, vals, tuple(args), kwargs, strict=False)
                 elif any(self.program.params[f].gather != "none" or f in self.host_params
                          for f in names.values() if f in self.program.params):
                     vals = {pn: self.param_value(f, s) for pn, f in names.items() if f in self.params}
