@@ -315,6 +315,9 @@ def _init_single_process() -> None:
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    from autopar.runtime.mesh import destroy_at_exit
+
+    destroy_at_exit()
 
 
 def _apply(graph: Any, plan: Plan) -> "nn.Module":

@@ -152,7 +152,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.worker or "RANK" in os.environ:
         worker(args)
-        return
+        from autopar.runtime.mesh import exit_worker
+
+        exit_worker()
     from autopar.runtime.testing import run_workers
 
     argv2 = [a for a in (argv if argv is not None else sys.argv[1:])] + ["--worker"]

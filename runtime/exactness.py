@@ -329,4 +329,7 @@ def main(cases: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from autopar.runtime.mesh import exit_worker
+
     main(sys.argv[1:])
+    exit_worker()

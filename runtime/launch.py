@@ -172,9 +172,8 @@ def run_model_worker(target: str, cluster: str, steps: int, plan_path: str | Non
         if out_json:
             with open(out_json, "w") as f:
                 json.dump(report, f, indent=2)
-    # every rank reaches teardown together: a rank that destroyed its gloo group while rank 0
-    # was still writing the report once made rank 0 abort at exit ("terminate called without
-    # an active exception", SIGABRT) after a successful run
+    # every rank reaches teardown together, so no rank leaves while rank 0 still writes the
+    # report; the process then ends through exit_worker (see _main)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -208,7 +207,10 @@ def _main(argv: Sequence[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import record
 
     target, cluster, steps, plan, kind, out_json = argv
+    from autopar.runtime.mesh import exit_worker
+
     record(run_model_worker)(target, cluster, int(steps), plan or None, kind or None, out_json or None)
+    exit_worker()
 
 
 if __name__ == "__main__":

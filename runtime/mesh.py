@@ -7,12 +7,20 @@ peers share a node). Every rank then reads its pipeline group from ``mesh["pp"]`
 
 Backends: gloo for CPU (x86 or ARM), NCCL for CUDA. Every process group gets a timeout
 (``AUTOPAR_PG_TIMEOUT_S``, default 300 s) so a dead peer ends the job instead of hanging it.
+
+A group this module creates is also torn down at interpreter exit (``_teardown_at_exit``): a
+decorated user script ends without ``destroy_process_group``, and gloo's worker threads then die
+with the interpreter, which aborts the process ("terminate called without an active exception",
+SIGABRT) after a run that succeeded; pytorch/pytorch#190489 reports the same.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -50,6 +58,45 @@ def init_distributed(device: torch.device | str | None = None, *, timeout_s: flo
         torch.cuda.set_device(dev)
     t = timeout_s if timeout_s is not None else float(os.environ.get("AUTOPAR_PG_TIMEOUT_S", DEFAULT_TIMEOUT_S))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=t))
+    destroy_at_exit()
+
+
+def destroy_at_exit() -> None:
+    """Have the default process group (and its subgroups) destroyed at interpreter exit, while
+    the interpreter is still whole (see the module docstring); a no-op if the script did.
+
+    No barrier first: a rank that reached exit has finished every collective it takes part
+    in, and a rank that exits early (an exception, ``sys.exit(3)``) must not wait on peers that
+    are blocked elsewhere; its peers' next collective then fails at once ("Connection closed by
+    peer") instead of at the group timeout, and torchrun stops the job."""
+    atexit.register(_teardown_at_exit)
+
+
+def _teardown_at_exit() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def exit_worker(code: int = 0) -> NoReturn:
+    """End a worker process that autopar itself launched, skipping interpreter finalization.
+
+    ``destroy_process_group`` only drops ``torch.distributed``'s own references to the groups
+    (pytorch/pytorch#96017): the DeviceMeshes, DTensor specs and FSDP states a plan built keep
+    the C++ gloo groups alive until the interpreter tears down, and a rank that frees them there
+    aborts ("terminate called without an active exception", SIGABRT) after a run that
+    succeeded — seen in CI on ``autopar run mlp --cluster local:2`` with an explicit barrier and
+    ``destroy_process_group`` before exit. Our workers have written and flushed everything by
+    then, so they leave with ``os._exit``; a user's script (the decorator) keeps normal exit
+    and gets ``destroy_at_exit``. Only call this from a ``__main__`` block: it ends the process.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to keep
+            pass
+    os._exit(code)
 
 
 @dataclass(frozen=True)

@@ -250,6 +250,27 @@ def timed_steps(step, n: int) -> list[float]:
     return out
 
 
+def long_job_timeout_s() -> float:
+    """Seconds a test launch that runs a whole matrix of cases may take before it is killed as
+    hung: 600, or ``AUTOPAR_TEST_JOB_TIMEOUT_S``. Only there to end a hang: the exactness
+    matrices take 66-98 s on the 2-core VM, and one CI run with the hypervisor stealing 27 % of
+    its CPU took the 2-rank launch past the 280 s these had before."""
+    return float(os.environ.get("AUTOPAR_TEST_JOB_TIMEOUT_S", "600"))
+
+
+#: what gloo says on a rank whose peer went away: that rank failed because another did
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _root_failure(codes: Sequence, errs: Sequence[str], first: int) -> int:
+    """The rank whose failure ended the job: of the ranks that exited non-zero, the first whose
+    error is not a lost peer (a failing rank destroys its process group at exit, so its peers'
+    collectives fail within the same poll), else ``first``, the first one seen."""
+    bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
+    own = [r for r in bad if not any(m in errs[r] for m in PEER_LOST)]
+    return own[0] if own else first
+
+
 def run_workers(script: str, nproc: int, args: Sequence[str] = (), *, timeout_s: float = 240,
                 env: dict | None = None) -> list[str]:
     """Run ``python script args`` as ``nproc`` gloo ranks (RANK/WORLD_SIZE/MASTER_* env vars).
@@ -298,6 +319,8 @@ def run_workers(script: str, nproc: int, args: Sequence[str] = (), *, timeout_s:
         out.seek(0)
         err.seek(0)
         outs.append((out.read(), err.read()))
+    if failed is not None and failed >= 0:
+        failed = _root_failure([p.returncode for p in procs], [e for _, e in outs], failed)
     if failed is not None:
         who = "timed out" if failed < 0 else f"rank {failed} failed (exit {procs[failed].returncode})"
         r = max(failed, 0)

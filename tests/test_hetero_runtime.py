@@ -56,7 +56,7 @@ def mixed_plans() -> dict:
 
 
 def test_mixed_plans_match_one_process(tmp_path):
-    from autopar.runtime.testing import run_workers
+    from autopar.runtime.testing import long_job_timeout_s, run_workers
 
     plans = mixed_plans()
     fast, slow = plans["gpt6"].pipeline.stages
@@ -72,7 +72,7 @@ def test_mixed_plans_match_one_process(tmp_path):
         path = tmp_path / f"{name}.plan.json"
         p.save(str(path))
         args.append(f"{name}={path}")
-    outs = run_workers(__file__, 4, args, timeout_s=600)  # ends a hang; a slow host is not one
+    outs = run_workers(__file__, 4, args, timeout_s=long_job_timeout_s())
     res = {r["case"]: r for r in (json.loads(line) for line in outs[0].splitlines() if line.startswith("{"))}
     for name in plans:
         assert res[name]["ok"], res[name]
