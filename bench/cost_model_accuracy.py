@@ -21,6 +21,12 @@
    drops in bursts of a second or two; spread over passes, a burst spoils a few steps of
    several cases, which the median leaves out, instead of all of one case's. Single-process
    cases run the same runtime on a 1-rank group.
+   By default the profiles and the passes take turns (profile 1, pass 1, profile 2, pass 2,
+   profile 3, pass 3; ``--sequential`` profiles first, as before 2026-11-23's fifth session):
+   the host's speed drifts over minutes, and in one run it ran 5-45 % slower during the
+   cases than during the profiles taken just before them. The plans are solved from the first
+   profile and measured in every pass; the predictions come from the median profile, and a
+   case whose plan would differ under it is reported, not scored.
 4. Print per case: model, plan, predicted, measured, error; then the mean absolute
    percentage error (MAPE), the Spearman rank correlation of predicted vs measured step
    times across all cases, and peak memory predicted vs measured.
@@ -360,16 +366,17 @@ def predict(cases: list[Case], clusters: dict, say) -> dict[str, dict]:
 
 
 def measure(cases: list[Case], preds: dict, steps: int, warmup: int, rounds: int, timeout_s: float,
-            say) -> dict[str, dict]:
-    """Run the cases, one launch of N gloo processes per process count."""
+            say, reverse: bool = False) -> dict[str, dict]:
+    """Run the cases, one launch of N gloo processes per process count (``reverse``: the
+    process counts and the cases in the opposite order)."""
     from autopar.runtime.testing import run_workers
 
     results: dict[str, dict] = {}
     by_n: dict[int, list[Case]] = {}
-    for c in cases:
+    for c in (cases[::-1] if reverse else cases):
         if "plan_json" in preds.get(c.label, {}):
             by_n.setdefault(c.nproc, []).append(c)
-    for n, group in sorted(by_n.items()):
+    for n, group in sorted(by_n.items(), reverse=reverse):
         with tempfile.TemporaryDirectory() as tmp:
             cp, op = os.path.join(tmp, "cases.json"), os.path.join(tmp, "out.json")
             with open(cp, "w") as f:
@@ -388,6 +395,80 @@ def measure(cases: list[Case], preds: dict, steps: int, warmup: int, rounds: int
             say(f"  measured {len(group)} case(s) on {n} process(es) in {time.perf_counter() - t0:.1f} s "
                 f"(load avg {os.getloadavg()[0]:.1f})")
     return results
+
+
+def plan_shape(plan_json: str) -> dict:
+    """What a plan does, without what it predicts: mesh, training, parameters, blocks,
+    per-node strategies and placements, pipeline layout."""
+    j = json.loads(plan_json)
+    nodes = [{k: v for k, v in n.items() if k not in ("compute_s", "reshard_s")} for n in j.get("nodes", [])]
+    pipe = dict(j.get("pipeline", {}))
+    pipe["stages"] = [{k: v for k, v in st.items() if k not in ("compute_s", "memory_bytes", "device")}
+                      for st in pipe.get("stages", [])]
+    return {"mesh": j.get("mesh"), "training": j.get("training"), "params": j.get("params"),
+            "blocks": j.get("blocks"), "nodes": nodes, "pipeline": pipe}
+
+
+def interleaved(cases: list[Case], rounds: int, steps: int, warmup: int, timeout_s: float, save_path: str,
+                say) -> tuple[dict, dict, dict]:
+    """Profile and measure in turns: profile 1, pass 1 over the cases, profile 2, pass 2, ...
+
+    Why: the host's speed drifts over minutes (a 0.2 s reference matmul read the host 5-45 %
+    slower during the cases than during a profile taken just before them, 2026-11-23), and
+    the error that drift makes is the host's, not the model's. In turns, the profiles (whose
+    per-figure median predicts) and the timed passes sample the same stretch of time.
+
+    The plans are solved once, from the first profile, and measured in every pass; the
+    predictions are solved again from the median profile, and a case whose plan came out
+    different is reported as such (not scored). Returns ``(data, preds, meas)``."""
+    from autopar.cost_model.cluster import cluster_from_profile
+    from autopar.cost_model.profile_merge import merge_profiles
+    from autopar.cost_model.profiler import profile
+
+    parts: list[dict] = []
+    per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
+    meas: dict[str, dict] = {}
+    plans: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            path = os.path.join(tmp, f"profile-{r}.json")
+            profile(nproc=4, out=path, progress=lambda m, r=r: say(f"  [{r + 1}/{rounds}] {m}"))
+            with open(path) as f:
+                parts.append(json.load(f)["profile"])
+            if r == 0:
+                plans = predict(cases, {n: cluster_from_profile({"profile": parts[0]}, n) for n in (1, 2, 4)},
+                                lambda m: None)
+            if per_round[r] == 0:
+                continue
+            say(f"  pass {r + 1}/{rounds}: {per_round[r]} timed step(s) a case")
+            got = measure(cases, plans, per_round[r], warmup, 1, timeout_s, say, reverse=r % 2 == 1)
+            for label, res in got.items():
+                acc = meas.setdefault(label, {"label": label, "times": [], "ref_s": []})
+                if "error" in res or "error" in acc:
+                    acc.setdefault("error", res.get("error"))
+                    continue
+                acc["times"] += res["times"]
+                acc["ref_s"] += res["ref_s"]
+                for k, v in res.items():  # memory and the rest: the first pass's
+                    acc.setdefault(k, v)
+    for res in meas.values():
+        if "error" not in res and res["times"]:
+            res["step_s"] = statistics.median(res["times"])
+    data = {"profile": merge_profiles(parts)}
+    if save_path:
+        doc = cluster_from_profile(data, 4).to_json()
+        doc["profile"] = data["profile"]
+        from autopar.atomic_io import write_text_atomic
+
+        write_text_atomic(save_path, json.dumps(doc, indent=1), prefix=".profile-", suffix=".json")
+    clusters = {n: cluster_from_profile(data, n) for n in (1, 2, 4)}
+    preds = predict(cases, clusters, say)
+    for c in cases:
+        a, b = plans.get(c.label, {}), preds.get(c.label, {})
+        if "plan_json" in a and "plan_json" in b and plan_shape(a["plan_json"]) != plan_shape(b["plan_json"]):
+            preds[c.label] = {"error": "the median profile's plan differs from the measured one (first "
+                                       "profile's); not scored"}
+    return data, preds, meas
 
 
 def report(cases: list[Case], preds: dict, meas: dict, min_mem: float, refs: dict[int, float]) -> None:
@@ -466,6 +547,9 @@ def main(argv=None) -> None:
     ap.add_argument("--save-profile", default="", help="also keep the profile measured now at this path")
     ap.add_argument("--profile-repeat", type=int, default=None, metavar="K",
                     help="profiles taken back to back, each figure their median (default 3; 1 with --quick)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="profile first, then measure (default: profiles and timed passes in turns, "
+                         "when --profile-repeat equals --rounds)")
     ap.add_argument("--min-mem-mib", type=float, default=32.0,
                     help="compare peak memory only where the prediction is at least this (smaller is noise)")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
@@ -481,7 +565,9 @@ def main(argv=None) -> None:
     if args.worker:
         cp, op, steps, warmup, rounds = args.worker
         worker(cp, op, int(steps), int(warmup), int(rounds))
-        return
+        from autopar.runtime.mesh import exit_worker
+
+        exit_worker()
     started = time.perf_counter()
     say = lambda s: print(s, flush=True)  # noqa: E731
     cases = parse_cases(args.cases.split(",") if args.cases else list(QUICK_CASES if args.quick else FULL_CASES))
@@ -491,25 +577,34 @@ def main(argv=None) -> None:
     from autopar.cost_model.cluster import cluster_from_profile
     from autopar.cost_model.profiler import profile
 
-    if args.profile:
-        with open(args.profile) as f:
-            data = json.load(f)
-        say(f"profile: reusing {args.profile}")
+    in_turns = not args.profile and not args.sequential and repeat == rounds and rounds > 1
+    if in_turns:
+        say(f"profile and measure in turns: {rounds} profiles of this machine (nproc=4), each followed by a "
+            f"timed pass over the cases; predictions from the per-figure median of the profiles")
+        data, preds, meas = interleaved(cases, rounds, steps, args.warmup, 590, args.save_profile, say)
+        t_prof = float(data["profile"].get("wall_s", 0.0))
     else:
-        say(f"profile: measuring this machine (nproc=4, {repeat} time(s), each figure the median)")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = args.save_profile or os.path.join(tmp, "profile.json")
-            profile(nproc=4, out=path, progress=lambda s: say("  " + s), repeat=repeat)
-            with open(path) as f:
+        if args.profile:
+            with open(args.profile) as f:
                 data = json.load(f)
-    clusters = {n: cluster_from_profile(data, n) for n in (1, 2, 4)}
-    t_prof = time.perf_counter() - started
-    preds = predict(cases, clusters, say)
-    meas = measure(cases, preds, steps, args.warmup, rounds, 590, say)
+            say(f"profile: reusing {args.profile}")
+        else:
+            say(f"profile: measuring this machine (nproc=4, {repeat} time(s), each figure the median)")
+            with tempfile.TemporaryDirectory() as tmp:
+                path = args.save_profile or os.path.join(tmp, "profile.json")
+                profile(nproc=4, out=path, progress=lambda s: say("  " + s), repeat=repeat)
+                with open(path) as f:
+                    data = json.load(f)
+        clusters = {n: cluster_from_profile(data, n) for n in (1, 2, 4)}
+        t_prof = time.perf_counter() - started
+        preds = predict(cases, clusters, say)
+        meas = measure(cases, preds, steps, args.warmup, rounds, 590, say)
     import torch
 
+    how = ("profiles and passes in turns" if in_turns else "profile first, then the passes")
     print(f"\ncost model accuracy on {os.uname().nodename} ({os.cpu_count()} cores, torch {torch.__version__}); "
-          f"median of {steps} steps in {rounds} passes, after {args.warmup} warm-up; load avg {os.getloadavg()[0]:.1f}")
+          f"median of {steps} steps in {rounds} passes ({how}), after {args.warmup} warm-up; "
+          f"load avg {os.getloadavg()[0]:.1f}")
     report(cases, preds, meas, args.min_mem_mib, {n: profile_reference_s(data, n) for n in (1, 2, 4)})
     report_parts(cases, data, meas)
     print(f"\ntotal {time.perf_counter() - started:.0f} s (profile {t_prof:.0f} s)")

@@ -229,6 +229,8 @@ def main(argv=None) -> None:
                     help="use this profile JSON for local:N instead of profiling now")
     ap.add_argument("--profile-repeat", type=int, default=3, metavar="K",
                     help="profiles taken back to back, each figure their median (default 3)")
+    ap.add_argument("--save-profile", default="",
+                    help="write the profile measured now here too (to re-predict these runs later)")
     ap.add_argument("--measure", nargs=4, metavar=("MODEL", "PLAN", "OUT", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rounds < 1:
@@ -238,7 +240,9 @@ def main(argv=None) -> None:
     if args.measure:
         name, plan_file, out, steps = args.measure
         measure_worker(name, plan_file, out, int(steps))
-        return
+        from autopar.runtime.mesh import exit_worker
+
+        exit_worker()
 
     # The solver predicts local:N from a profile of this machine measured in the same run (the
     # catalog fallback knows nothing of this host), found through AUTOPAR_PROFILE.
@@ -249,7 +253,8 @@ def main(argv=None) -> None:
 
         from autopar.cost_model.profiler import profile
 
-        path = os.path.join(tempfile.mkdtemp(prefix="autopar-plan-choice-"), "profile.json")
+        path = (os.path.abspath(args.save_profile) if args.save_profile
+                else os.path.join(tempfile.mkdtemp(prefix="autopar-plan-choice-"), "profile.json"))
         t0 = time.perf_counter()
         profile(nproc=args.nproc, out=path, progress=lambda m: print(f"  profile: {m}", flush=True),
                 repeat=args.profile_repeat)

@@ -55,3 +55,28 @@ def test_profile_reference_is_the_profiles_own_largest_square():
     data = {"profile": {"raw": {"matmul": {"2": {"fp32": [[2.0 * 128 ** 3, 1e-5], [2.0 * n ** 3, 0.012]]}}}}}
     assert acc.profile_reference_s(data, 2) == 0.012
     assert acc.profile_reference_s(data, 4) == 0.0  # not profiled: no drift figure, not a wrong one
+
+
+def test_plan_shape_keeps_what_a_plan_does_and_drops_what_it_predicts():
+    import copy
+    import json
+
+    plan = {"mesh": {"pp": 1, "dp": 2, "tp": 1}, "training": {"optimizer": "adam"},
+            "params": [{"name": "w", "placements": ["R", "R"]}], "blocks": [],
+            "nodes": [{"node": "fc", "strategy": "dp", "inputs": [["S0", "R"]], "compute_s": 1e-3, "reshard_s": 0.0}],
+            "pipeline": {"schedule": "gpipe", "num_microbatches": 1,
+                         "stages": [{"index": 0, "nodes": ["fc"], "compute_s": 1e-3, "memory_bytes": 10,
+                                     "device": "local-cpu/2"}]},
+            "predicted": {"step_time_s": 0.1}, "cluster": {"name": "local:2"}, "solver": {"wall_s": 0.01}}
+    other = copy.deepcopy(plan)  # the same plan priced under another profile
+    other["nodes"][0]["compute_s"] = 2e-3
+    other["pipeline"]["stages"][0].update(compute_s=2e-3, memory_bytes=11)
+    other["predicted"]["step_time_s"] = 0.2
+    other["solver"]["wall_s"] = 0.5
+    assert acc.plan_shape(json.dumps(plan)) == acc.plan_shape(json.dumps(other))
+    moved = copy.deepcopy(plan)
+    moved["nodes"][0]["strategy"] = "tp_col"
+    assert acc.plan_shape(json.dumps(plan)) != acc.plan_shape(json.dumps(moved))
+    deeper = copy.deepcopy(plan)
+    deeper["pipeline"]["num_microbatches"] = 2
+    assert acc.plan_shape(json.dumps(plan)) != acc.plan_shape(json.dumps(deeper))
