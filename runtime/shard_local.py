@@ -68,16 +68,21 @@ def local_of(t):
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
-def batch_dims(x: DTensor) -> list[int]:
-    """Mesh dims on which ``x`` is split along its batch (dim 0)."""
+def batch_dims(x) -> list[int]:
+    """Mesh dims on which DTensor ``x`` is split along its batch (dim 0); none for a plain tensor."""
+    if not isinstance(x, DTensor):
+        return []
     return [i for i, p in enumerate(x.placements) if isinstance(p, DShard) and p.dim == 0]
 
 
-def partial_on(dims, mesh) -> tuple:
-    """Placements of a gradient that is a pending sum over mesh dims ``dims``, whole elsewhere.
-    A sum over one rank is already whole: Replicate there, so the runtime's gradient sync has
-    nothing to do for it (a Partial would cost a no-op redistribute per parameter per step)."""
-    return tuple(DPartial() if i in dims and mesh.size(i) > 1 else DReplicate() for i in range(mesh.ndim))
+def partial_on(dims, mesh, others=None) -> tuple:
+    """Placements of a gradient that is a pending sum over mesh dims ``dims``, and on the other
+    dims ``others[i]`` (whole, Replicate, when not given: a batch norm's affine gradient keeps
+    its channel split there). A sum over one rank is already whole: it keeps its other
+    placement, so the runtime's gradient sync has nothing to do for it (a Partial would cost a
+    no-op redistribute per parameter per step)."""
+    return tuple(DPartial() if i in dims and mesh.size(i) > 1 else (DReplicate() if others is None else others[i])
+                 for i in range(mesh.ndim))
 
 
 def _rows_only(x) -> bool:

@@ -33,18 +33,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor import Partial as DPartial
 from torch.distributed.tensor import Replicate as DReplicate
 from torch.distributed.tensor import Shard as DShard
 
 from autopar.runtime import shard_local
-
-
-def batch_sharded_dims(x) -> list[int]:
-    """Mesh dims on which DTensor ``x`` is sharded along its batch (dim 0)."""
-    if not isinstance(x, DTensor):
-        return []
-    return [i for i, p in enumerate(x.placements) if isinstance(p, DShard) and p.dim == 0]
+from autopar.runtime.shard_local import batch_dims, local_of, partial_on
 
 
 def _batch_or_channel(p) -> bool:
@@ -136,9 +129,9 @@ def _count_batch(module: nn.modules.batchnorm._BatchNorm) -> float:
     factor = 0.0 if module.momentum is None else module.momentum
     if module.track_running_stats and module.num_batches_tracked is not None:
         with torch.no_grad():
-            _local(module.num_batches_tracked).add_(1)
+            local_of(module.num_batches_tracked).add_(1)
         if module.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(_local(module.num_batches_tracked))
+            factor = 1.0 / float(local_of(module.num_batches_tracked))
     return factor
 
 
@@ -150,15 +143,15 @@ class _BatchNormOnShards(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, module, groups, count: int, grad_placements):
-        xl, wl, bl = x._local_tensor, _local(weight), _local(bias)
+        xl, wl, bl = x._local_tensor, local_of(weight), local_of(bias)
         running = module.track_running_stats and module.running_mean is not None
         ctx.groups, ctx.eps, ctx.count = groups, module.eps, count
         ctx.mesh, ctx.x_placements, ctx.grad_placements = x.device_mesh, x.placements, grad_placements
         ctx.has_weight = weight is not None
         if not groups:  # nobody else holds part of this batch: the plain training kernel
             factor = _count_batch(module)
-            rm = _local(module.running_mean) if running else None
-            rv = _local(module.running_var) if running else None
+            rm = local_of(module.running_mean) if running else None
+            rv = local_of(module.running_var) if running else None
             y, save_mean, save_invstd = torch.native_batch_norm(xl, wl, bl, rm, rv, True, factor, module.eps)
             ctx.save_for_backward(xl, wl, rm, rv, save_mean, save_invstd)
         else:
@@ -166,8 +159,8 @@ class _BatchNormOnShards(torch.autograd.Function):
             if running:
                 factor = _count_batch(module)
                 unbiased = var * (count / max(1, count - 1))
-                _local(module.running_mean).mul_(1 - factor).add_(mean, alpha=factor)
-                _local(module.running_var).mul_(1 - factor).add_(unbiased, alpha=factor)
+                local_of(module.running_mean).mul_(1 - factor).add_(mean, alpha=factor)
+                local_of(module.running_var).mul_(1 - factor).add_(unbiased, alpha=factor)
             ctx.save_for_backward(xl, wl, mean, var)
         return shard_local.wrap_local(y, x.device_mesh, x.placements)
 
@@ -194,17 +187,13 @@ def sync_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: DTensor, weight,
     channels (:func:`applies`); ``weight``/``bias`` are the module's (DTensor) affine
     parameters as the runtime holds them (:func:`params_match`), or None."""
     mesh = x.device_mesh
-    on = batch_sharded_dims(x)
+    on = batch_dims(x)
     groups = [mesh.get_group(i) for i in on if mesh.size(i) > 1]
     local = x._local_tensor
     count = local.numel() // local.shape[1]
     for i in on:
         count *= mesh.size(i)
     # the affine gradients: local partial sums over the batch axes, as in any placement
-    grad_pl = tuple(DPartial() if i in on and mesh.size(i) > 1 else pl
-                    for i, pl in enumerate(weight.placements)) if isinstance(weight, DTensor) else None
+    grad_pl = partial_on(on, mesh, weight.placements) if isinstance(weight, DTensor) else None
     return _BatchNormOnShards.apply(x, weight, bias, module, groups, count, grad_pl)
 
-
-def _local(t):
-    return t._local_tensor if isinstance(t, DTensor) else t
