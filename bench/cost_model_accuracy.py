@@ -423,7 +423,7 @@ def interleaved(cases: list[Case], rounds: int, steps: int, warmup: int, timeout
     different is reported as such (not scored). Returns ``(data, preds, meas)``."""
     from autopar.cost_model.cluster import cluster_from_profile
     from autopar.cost_model.profile_merge import merge_profiles
-    from autopar.cost_model.profiler import profile
+    from autopar.cost_model.profiler import profile, write_profile
 
     parts: list[dict] = []
     per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
@@ -456,11 +456,7 @@ def interleaved(cases: list[Case], rounds: int, steps: int, warmup: int, timeout
             res["step_s"] = statistics.median(res["times"])
     data = {"profile": merge_profiles(parts)}
     if save_path:
-        doc = cluster_from_profile(data, 4).to_json()
-        doc["profile"] = data["profile"]
-        from autopar.atomic_io import write_text_atomic
-
-        write_text_atomic(save_path, json.dumps(doc, indent=1), prefix=".profile-", suffix=".json")
+        write_profile(data, 4, save_path)
     clusters = {n: cluster_from_profile(data, n) for n in (1, 2, 4)}
     preds = predict(cases, clusters, say)
     for c in cases:

@@ -1436,14 +1436,20 @@ def profile(nproc: int = 2, out: Union[str, os.PathLike, None] = None, progress:
         torch.set_num_threads(prev_threads)
     from .profile_merge import merge_profiles
 
-    data = {"profile": merge_profiles(parts)}
+    path = Path(out) if out is not None else default_profile_path()
+    cluster = write_profile({"profile": merge_profiles(parts)}, nproc, path)
+    say(f"wrote {path} in {time.perf_counter() - started:.1f} s"
+        + (f" (the median of {repeat} profiles)" if repeat > 1 else ""))
+    return cluster
+
+
+def write_profile(data: dict, nproc: int, path: Union[str, os.PathLike]) -> Cluster:
+    """Write ``data`` (``{"profile": ...}``) as a profile file: the ``local:nproc`` cluster it
+    gives, with the raw profile beside it, written atomically. Returns that cluster."""
     cluster = cluster_from_profile(data, nproc)
     doc = cluster.to_json()
     doc["profile"] = data["profile"]
-    path = Path(out) if out is not None else default_profile_path()
-    write_text_atomic(path, json.dumps(doc, indent=1), prefix=".profile-", suffix=".json")
-    say(f"wrote {path} in {time.perf_counter() - started:.1f} s"
-        + (f" (the median of {repeat} profiles)" if repeat > 1 else ""))
+    write_text_atomic(Path(path), json.dumps(doc, indent=1), prefix=".profile-", suffix=".json")
     return cluster
 
 
