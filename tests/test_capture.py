@@ -189,3 +189,37 @@ def test_gpt3_175b_captures_on_meta_under_3gb():
     n, peak, secs = out.stdout.split()
     assert 170e9 < int(n) < 180e9
     assert int(peak) < 3 * 1024**3, f"peak host memory {int(peak) / 2**30:.2f} GiB"
+
+
+def test_saved_fraction_is_what_the_backward_keeps():
+    """Measured at capture with autograd on fake tensors: a linear keeps its input (so the op
+    producing it counts), GELU its input, the last linear's output is kept by nobody, views
+    and adds keep nothing of their own, layer norm adds its small statistics."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm(16)
+            self.fc1 = nn.Linear(16, 64)
+            self.fc2 = nn.Linear(64, 16)
+
+        def forward(self, x):
+            h = self.fc1(self.ln(x))
+            y = self.fc2(F.gelu(h))
+            return (x + y).reshape(-1)
+
+    g = capture(Net(), torch.randn(8, 16))
+    frac = {n.name: n.saved_fraction for n in g.nodes.values()}
+    assert frac["fc1"] == 1.0  # gelu keeps its input
+    assert frac["gelu"] == 1.0  # fc2 keeps its input
+    assert frac["fc2"] == 0.0 and frac["add"] == 0.0 and frac["reshape"] == 0.0
+    assert 1.0 < frac["ln"] < 1.2  # fc1 keeps its output, plus mean and rstd per row
+
+
+def test_saved_bytes_count_a_storage_once_through_its_views():
+    """Attention keeps q, k and v as views of the qkv projection: one storage, counted once,
+    for the projection (an earlier model counted every op's output)."""
+    g = capture(TinyLM(layers=1, d=32, heads=4), torch.randint(0, 100, (2, 8)))
+    qkv = next(n for n in g.nodes.values() if n.name.endswith("qkv"))
+    assert qkv.saved_fraction == 1.0
+    views = [n for n in g.nodes.values() if n.kind is OpKind.VIEW]
+    assert views and all(n.saved_fraction == 0.0 for n in views)
