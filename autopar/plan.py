@@ -153,6 +153,9 @@ class Predicted:
     communication_bytes: int = 0  # per device per step
     flops_per_step: float = 0.0
     memory_capacity_bytes: int = 0  # usable per device (after the reserve)
+    #: when the fullest device peaks: loss_backward | with_gradients | optimizer_step
+    #: (autopar.solvers.evaluate.peak_moments); "" in plans written before it was recorded
+    memory_peak_at: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,6 +478,7 @@ def _decode_plan(data: Any) -> Plan:
         communication_bytes=q.get("communication_bytes", 0).int(),
         flops_per_step=q.get("flops_per_step", 0.0).num(),
         memory_capacity_bytes=q.get("memory_capacity_bytes", 0).int(),
+        memory_peak_at=q.get("memory_peak_at", "").str(),
     )
     sr = r.get("solver", {})
     solver = SolverReport(

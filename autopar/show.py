@@ -31,6 +31,10 @@ from autopar.plan import Plan
 GiB = 1024**3
 BAR_WIDTH = 20  # characters of the memory bar in the text summary
 MAX_LISTED = 8  # named nodes listed one by one before the rest is summarised by strategy
+#: Predicted.memory_peak_at, in words
+_PEAK_AT = {"loss_backward": "peaks at the loss's backward, before gradients exist",
+            "with_gradients": "peaks with gradients beside microbatches in flight",
+            "optimizer_step": "peaks at the optimizer step"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -463,7 +467,8 @@ def summary(plan: Plan, graph: Any = None) -> str:
             total = sum(p.memory_breakdown.values()) or 1
             parts = ", ".join(f"{k} {fmt_bytes(v)} ({100 * v / total:.0f}%)"
                               for k, v in sorted(p.memory_breakdown.items(), key=lambda kv: -kv[1]))
-            L.append(f"  fullest device: {parts}")
+            at = _PEAK_AT.get(p.memory_peak_at, "")
+            L.append(f"  fullest device{f' ({at})' if at else ''}: {parts}")
 
     # time
     L.append("")
@@ -547,7 +552,7 @@ def summary_dict(plan: Plan, graph: Any = None) -> dict:
                       "communication_s": p.communication_s, "bubble_s": p.bubble_s,
                       "offload_s": p.offload_s, "max_memory_bytes": max(p.memory_per_device_bytes, default=0),
                       "memory_capacity_bytes": p.memory_capacity_bytes,
-                      "memory_breakdown": dict(p.memory_breakdown)},
+                      "memory_breakdown": dict(p.memory_breakdown), "memory_peak_at": p.memory_peak_at},
         "solver": {"status": plan.solver.status, "objective": plan.solver.objective,
                    "gap": plan.solver.gap, "wall_s": plan.solver.wall_s,
                    "shortcuts": list(plan.solver.shortcuts)},

@@ -85,6 +85,35 @@ def training_state_breakdown(numel: int, optimizer: str, precision: str, zero_st
             "optimizer": optimizer_state_bytes(shard if zero_stage >= 1 else numel, optimizer, precision)}
 
 
+#: Bytes per element of the temporaries an optimizer's step allocates (Adam's moments are fp32).
+#: torch.optim.Adam, torch 2.13: the single-tensor path makes ``denom = (exp_avg_sq.sqrt() /
+#: bias_correction2_sqrt).add_(eps)``, two parameter-sized temporaries alive together, one
+#: parameter at a time; the foreach path makes ``exp_avg_sq_sqrt = torch._foreach_sqrt(...)``,
+#: one temporary per parameter for all of them at once, then works in place. PyTorch defaults
+#: to foreach only for tensors on CUDA-like devices (``_default_to_fused_or_foreach``); DTensor
+#: parameters qualify. SGD with momentum updates in place. On the 2-core dev VM, an MLP's
+#: first step peaked at exactly its parameters, gradients and Adam state plus two of its
+#: largest weight (56.1 MiB, 2026-11-23).
+_STEP_TEMPS = {("adam", False): 2, ("adam", True): 1, ("sgd", False): 0, ("sgd", True): 0}
+
+
+def optimizer_step_temp_bytes(numel: int, optimizer: str, foreach: bool) -> int:
+    """Bytes of the temporaries the optimizer's step allocates for one tensor of ``numel``
+    elements: single-tensor (``foreach=False``) holds them for one tensor at a time, the
+    foreach path for every tensor of the step at once."""
+    _check("fp32", optimizer)
+    return numel * 4 * _STEP_TEMPS[(optimizer, bool(foreach))]
+
+
+#: Model outputs alive at the loss's backward besides the saved activations: the output (the
+#: runtime holds it through the backward), cross-entropy's log-softmax kept for its backward,
+#: the gradient arriving from the NLL and the one leaving for the logits. Measured: the live
+#: tensors at ``_log_softmax_backward_data`` in GPT, LLaMA and BERT small steps held four
+#: logits-sized tensors (2026-11-23, ``autopar.runtime.live_memory``). A loss that keeps less
+#: (MSE) makes this an over-estimate of two or three output sizes.
+LOSS_BACKWARD_OUTPUTS = 4
+
+
 RECOMPUTE: tuple[str, ...] = ("none", "selective", "full")
 
 

@@ -324,6 +324,7 @@ def decode(struct: GraphStructure, out: SearchOutcome, cluster: Cluster, *, prec
         step_time_s=br.step_time_s, compute_s=br.compute_s, communication_s=br.communication_s,
         bubble_s=br.bubble_s, offload_s=br.offload_s, memory_per_device_bytes=tuple(mem_per_rank),
         memory_breakdown={k: int(val) for k, val in br.memory_breakdown[full].items()},
+        memory_peak_at=br.memory_moment[full] if br.memory_moment else "",
         communication_bytes=int(network_total(traffic)), flops_per_step=3 * fwd_flops + rec_flops,
         memory_capacity_bytes=int(cg.stages[full].capacity_bytes))
     res = out.result

@@ -396,7 +396,7 @@ class StateCost:
     """One parameter node x strategy x state config: per stage holding it."""
 
     memory_bytes: float  # resident per device (scaled by the blocks on the stage)
-    working_bytes: float  # kept per device once per node (gradient bucket slots)
+    working_bytes: float  # kept per device between steps (gradient bucket buffers), scaled by the blocks
     overlap_s: float  # per step, overlappable with compute (param streaming)
     sync_s: float  # per step, gradient sync after the last backward
     step_s: float  # per step, optimizer step (device or host), not overlapped
@@ -404,6 +404,13 @@ class StateCost:
     # alive only while this node runs (ZeRO-3 / host-streamed parameters gathered whole, and
     # their whole gradient before the reduce-scatter): a stage holds the largest one at a time
     gather_bytes: float = 0.0
+    # the device-resident gradients inside memory_bytes: they do not exist yet at the loss's
+    # backward (the step before ended with zero_grad(set_to_none=True))
+    grad_bytes: float = 0.0
+    # the optimizer step's temporaries on the device (cost_model.memory.optimizer_step_temp_bytes):
+    # summed over the stage on a GPU (foreach), the largest one on a CPU (one tensor at a time)
+    step_sum_bytes: float = 0.0
+    step_max_bytes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -472,6 +479,9 @@ class CostedGraph:
     #: fraction of asynchronous communication that hides behind compute (the candidate's
     #: slowest-overlapping link; LinkSpec.overlap_efficiency): 1 = all of it, 0 = none
     overlap_efficiency: float = 1.0
+    #: bytes alive at the loss's backward on the last stage besides saved activations: the
+    #: model output as the loss sees it, times cost_model.memory.LOSS_BACKWARD_OUTPUTS
+    loss_bytes: float = 0.0
 
     def node(self, name: str) -> NodeCosts:
         for n in self.nodes:
@@ -578,7 +588,7 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
     if table_cache is not None and key in table_cache:
         nodes, edges = table_cache[key]
         return _finish(struct, cluster, cand, nodes, edges, configs, stage_devices, reserve_fraction, devices,
-                       allowed, table_cache)
+                       allowed, table_cache, precision)
     nodes: list[NodeCosts] = []
     # the model output is handed to the loss as the runtime's output placement (batch rows on
     # dp, whole on tp: autopar.runtime.steps.OUTPUT_PLACEMENT); a unit that feeds it in another
@@ -627,10 +637,17 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
                 f_list.append(stretch * shared[dname] * t)
             comp[dname] = tuple(c_list)
             fwd[dname] = tuple(f_list)
-        saves = kind is not None and info.kind is not OpKind.INPUT
+        # what the backward keeps of this unit, measured at capture (NodeInfo.saved_fraction);
+        # graphs captured without it: every costed op's output
+        if info.kind is OpKind.INPUT:
+            kept = 0.0
+        elif info.saved_fraction is not None:
+            kept = info.saved_fraction
+        else:
+            kept = 1.0 if kind is not None else 0.0
         outb = tuple(sum(_local(spec, pl, mesh, batched, m, precision) for spec, pl in zip(info.outputs, s.outputs))
                      for s in ss)
-        act = tuple(o if saves else 0.0 for o in outb)
+        act = tuple(o * kept for o in outb)
         owned = [p for p in info.params if struct.owner.get(p) == u]
         tp_sync = []
         for s in ss:
@@ -671,11 +688,26 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
     if table_cache is not None:
         table_cache[key] = (nodes, edges)
     return _finish(struct, cluster, cand, nodes, edges, configs, stage_devices, reserve_fraction, devices, allowed,
-                   table_cache)
+                   table_cache, precision)
+
+
+def _loss_bytes(struct: GraphStructure, cand: Candidate, precision: str) -> float:
+    """Bytes the loss holds at its backward (CostedGraph.loss_bytes), per microbatch."""
+    g = struct.graph
+    want = (Shard(0) if cand.dp > 1 else R, R)
+    total = 0.0
+    for info in g.nodes.values():
+        if info.kind is not OpKind.OUTPUT:
+            continue
+        for src in info.inputs:
+            outs = g.nodes[src].outputs
+            if outs and outs[0].dtype.startswith(("float", "bfloat")):
+                total += _local(outs[0], want, cand.mesh, struct.batched[src], cand.num_microbatches, precision)
+    return mem.LOSS_BACKWARD_OUTPUTS * total
 
 
 def _finish(struct, cluster, cand, nodes, edges, configs, stage_devices, reserve_fraction, devices, allowed,
-            table_cache=None):
+            table_cache=None, precision="fp32"):
     mesh = cand.mesh
     m = cand.num_microbatches
     stages = _stage_specs(cand, stage_devices, reserve_fraction, struct)
@@ -689,7 +721,8 @@ def _finish(struct, cluster, cand, nodes, edges, configs, stage_devices, reserve
     overlap = min((_link(cluster, mesh, a, table_cache).overlap_efficiency
                    for a in ("dp", "tp", "pp") if mesh[a] > 1), default=1.0)
     return CostedGraph(cand, tuple(nodes), tuple(edges), stages, configs, struct.num_blocks,
-                       struct.chain_outputs, p2p_b, p2p_l, host_bw, max(1, mbs), allowed, overlap)
+                       struct.chain_outputs, p2p_b, p2p_l, host_bw, max(1, mbs), allowed, overlap,
+                       _loss_bytes(struct, cand, precision))
 
 
 def _link(cluster: Cluster, mesh: Mapping[str, int], axis: str, cache: Optional[dict]) -> LinkSpec:
@@ -803,12 +836,14 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
     (``stretch``: the skew factor applied to compute, here to the optimizer step)."""
     mesh = cand.mesh
     dp, m = cand.dp, cand.num_microbatches
-    memory = working = overlap = sync = step = host = gather = 0.0
+    memory = working = overlap = sync = step = host = gather = grads = step_sum = step_max = 0.0
     inf = math.inf
     host_link = dev.host_link_bandwidth if dev.host_link != "none" else 0.0
-    for p, pl in zip(info.params, s.params):
+    foreach = dev.kind == "gpu"
+    for i, (p, pl) in enumerate(zip(info.params, s.params)):
         if p not in owned:
             continue
+        gpl = s.param_grads[i] if i < len(s.param_grads) else pl
         spec = g.params[p]
         numel = spec.numel
         if isinstance(pl[1], Shard):
@@ -827,6 +862,14 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
                 host += b
             else:
                 memory += b
+        if "grads" not in c.offload:
+            grads += gb
+        if "optimizer_state" not in c.offload:
+            tmp = mem.optimizer_step_temp_bytes(int(shard if z >= 1 else numel), optimizer, foreach)
+            if foreach:
+                step_sum += tmp
+            else:
+                step_max = max(step_max, tmp)
         if z >= 3 or "params" in c.offload:
             # the runtime gathers a ZeRO-3 parameter at its op and does not keep it for the
             # backward (saved-tensor hooks gather it again there: reshard after forward), so
@@ -840,12 +883,14 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
         # gradients are all-reduced in buckets (a kept flat buffer per bucket of several);
         # ZeRO gathers and reduce-scatters are one collective per parameter (DTensor
         # redistribute), issued where they are needed and waited for at once
+        tp_summed = mesh["tp"] > 1 and isinstance(gpl[1], Partial)  # all-reduced over tp in buckets
+        if full_g < BUCKET_BYTES and ((dp > 1 and z == 0) or tp_summed):
+            # shares a bucket: summed in the bucket's flat buffer, kept between steps
+            working += full_g
         if dp > 1:
             dl = links["dp"]
             if z == 0:
                 sync += _bucketed("all_reduce", full_g, dp, dl)
-                if full_g < BUCKET_BYTES:  # shares a bucket: summed in the bucket's kept buffer
-                    working += full_g
             elif z == 1:  # updated params all-gathered after the optimizer step: exposed
                 sync += collective_time("reduce_scatter", full_g, dp, dl)
                 step += collective_time("all_gather", full_p, dp, dl)
@@ -887,7 +932,7 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
         synced = dp > 1 or (mesh["tp"] > 1 and not isinstance(pl[1], Shard))
         per_param = dev.param_overhead_s if synced or dev.param_overhead_local_s <= 0 else dev.param_overhead_local_s
         step += stretch * m * per_param
-    return StateCost(memory, working, overlap, sync, step, host, gather)
+    return StateCost(memory, working, overlap, sync, step, host, gather, grads, step_sum, step_max)
 
 
 def _stage_specs(cand: Candidate, stage_devices: Sequence[DeviceSpec], reserve: float,

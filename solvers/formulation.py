@@ -26,9 +26,15 @@ Constraints, one family per function below:
     time_i      t_i >= sum_u mult_i(u) c_u x + sum_e mult_i(e) c_e z + sum F_us R[i,u,s]
                 t_i >= sum 2 (A - C)_us O[i,u,s] / host_bw                  (_stage_time)
     t_max       t_max >= t_i                                             (_stage_time)
-    memory_i    sum mult y state_mem + working y + w_i + f_i (sum mult act x
-                  - sum (A - C)_us (R + O)[i,u,s]) <= M_i                   (_memory)
+    memory_i,k  for each moment k the peak can sit at (evaluate.peak_moments: the loss's
+                backward, gradients beside later microbatches, the optimizer step), with
+                f_ik microbatches of activations in flight then (f_i, min(f_i, m-1), 0):
+                sum mult y state_mem_k + working y + w_i [+ u_i] + f_ik (sum mult act x
+                  - sum (A - C)_us (R + O)[i,u,s]) + loss_ik <= M_i              (_memory)
+                state_mem_k leaves the gradients out at the loss's backward and adds the
+                foreach step temporaries at the optimizer step
                 w_i >= gather_n y  for each parameter node n  (the largest transient gather)
+                u_i >= step_n y  (the largest single-tensor step temporary; optimizer step)
     host_i      sum mult y state_host + f_i sum (A - C)_us O[i,u,s] <= H_i    (_memory)
     per-step    a_i >= overlap_i(y) - e m t_i;  g_i >= sync_i(x, y) - e beta t_i;
                 a_i >= (1 - e) overlap_i(y);  g_i >= (1 - e) sync_i(x, y)  (e: overlap efficiency)
@@ -56,7 +62,7 @@ from typing import Optional
 from ortools.linear_solver import pywraplp
 
 from .costed import BACKWARD_SHARE, CostedGraph
-from .evaluate import edge_mult, group_of, param_holders, stage_mult
+from .evaluate import after_first_backward, edge_mult, group_of, param_holders, stage_mult
 
 MS = 1e3  # seconds -> model time unit
 GIB = float(2**30)  # bytes -> model memory unit
@@ -303,30 +309,54 @@ def _held_states(cg: CostedGraph, y, n, i: int, dev: str):
 
 
 def _memory(solver, cg: CostedGraph, x, y, R, O) -> None:
+    """Per stage, its bytes at each moment the peak can sit (evaluate.peak_moments) within
+    its capacity: the loss's backward (activations, no gradients), gradients beside the
+    microbatches still in flight, the optimizer step (gradients and its temporaries)."""
+    m = cg.candidate.num_microbatches
     for i, st in enumerate(cg.stages):
         dev = st.device
-        terms: Terms = {}
-        for n in cg.nodes:
-            k = stage_mult(cg, n.place, i)
-            if k:
-                for a, v in zip(n.act_bytes, x[n.name]):
-                    _add(terms, v, st.inflight * k * a / GIB)
-            for kk, sc, v in _held_states(cg, y, n, i, dev):
-                _add(terms, v, (kk * sc.memory_bytes + sc.working_bytes) / GIB)
-        # the largest node's transient gather: w_i >= each node's chosen gather_bytes
-        gathers = [[(sc.gather_bytes, v) for _, sc, v in _held_states(cg, y, n, i, dev)] for n in cg.nodes]
-        gathers = [row for row in gathers if any(b > 0 for b, _ in row)]
-        if gathers:
-            w_i = solver.NumVar(0.0, solver.infinity(), f"gather[{i}]")
-            for row in gathers:
-                _constraint(solver, {w_i: 1.0, **{v: -b / GIB for b, v in row if b > 0}}, 0, solver.infinity())
-            _add(terms, w_i, 1.0)
+        later = after_first_backward(st, m)
+        loss = cg.loss_bytes if st.suffix else 0.0
+        # moment -> (activation microbatches, with gradients, with step temporaries, loss bytes)
+        moments = {"loss_backward": (st.inflight, False, False, loss),
+                   "with_gradients": (later, True, False, loss if later > 0 else 0.0),
+                   "optimizer_step": (0.0, True, True, 0.0)}
+        # the largest node's transient gather and (one tensor at a time) step temporaries:
+        # w >= each node's chosen bytes
+        maxvars = {}
+        for kind, attr in (("gather", "gather_bytes"), ("step", "step_max_bytes")):
+            rows = [[(getattr(sc, attr), v) for _, sc, v in _held_states(cg, y, n, i, dev)] for n in cg.nodes]
+            rows = [row for row in rows if any(b > 0 for b, _ in row)]
+            if rows:
+                w = solver.NumVar(0.0, solver.infinity(), f"{kind}[{i}]")
+                for row in rows:
+                    _constraint(solver, {w: 1.0, **{v: -b / GIB for b, v in row if b > 0}}, 0, solver.infinity())
+                maxvars[kind] = w
         _, AC = _block_sums(cg, i)
-        for prod in (R, O):
-            for (j, u, s), v in prod.items():
-                if j == i:
-                    _add(terms, v, -st.inflight * AC[u, s] / GIB)
-        _constraint(solver, terms, -solver.infinity(), st.capacity_bytes / GIB, f"memory[{i}]")
+        for name, (acts, with_grads, with_step, extra) in moments.items():
+            terms: Terms = {}
+            for n in cg.nodes:
+                k = stage_mult(cg, n.place, i)
+                if k and acts:
+                    for a, v in zip(n.act_bytes, x[n.name]):
+                        _add(terms, v, acts * k * a / GIB)
+                for kk, sc, v in _held_states(cg, y, n, i, dev):
+                    b = kk * (sc.memory_bytes + sc.working_bytes)
+                    if not with_grads:
+                        b -= kk * sc.grad_bytes
+                    if with_step:
+                        b += kk * sc.step_sum_bytes
+                    _add(terms, v, b / GIB)
+            if "gather" in maxvars:
+                _add(terms, maxvars["gather"], 1.0)
+            if with_step and "step" in maxvars:
+                _add(terms, maxvars["step"], 1.0)
+            if acts:
+                for prod in (R, O):
+                    for (j, u, s), v in prod.items():
+                        if j == i:
+                            _add(terms, v, -acts * AC[u, s] / GIB)
+            _constraint(solver, terms, -solver.infinity(), (st.capacity_bytes - extra) / GIB, f"memory[{i}].{name}")
         host: Terms = {}
         for n in cg.nodes:
             for kk, sc, v in _held_states(cg, y, n, i, dev):

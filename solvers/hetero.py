@@ -532,6 +532,7 @@ def decode_split(struct: GraphStructure, win: SplitOutcome, *, precision: str, o
         step_time_s=T, compute_s=compute, communication_s=max(0.0, T - compute - bubble - offload), bubble_s=bubble,
         offload_s=offload, memory_per_device_bytes=tuple(int(brs[r // per].memory_bytes[0]) for r in range(p * per)),
         memory_breakdown={k: int(v) for k, v in brs[full].memory_breakdown[0].items()},
+        memory_peak_at=brs[full].memory_moment[0] if brs[full].memory_moment else "",
         communication_bytes=int(max(sent)), flops_per_step=3 * g.total_flops(),
         memory_capacity_bytes=int(win.costed[full].stages[0].capacity_bytes))
     res = win.result
