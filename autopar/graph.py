@@ -492,9 +492,9 @@ class _SpecProp(fx.Interpreter):
         return out
 
 
-class _SavedProp(fx.Interpreter):
-    """Runs the program forward with autograd on fake tensors and records, per node, the bytes
-    autograd saves for the backward that belong to it.
+class _SavedProp(_SpecProp):
+    """:class:`_SpecProp` run with autograd on, also recording, per node, the bytes autograd
+    saves for the backward that belong to it (one forward gives specs, FLOPs and saves).
 
     Why measured: which tensors a backward keeps is each op's derivative formula (a linear
     keeps its input, GELU its input, softmax its output, an add nothing, dropout a byte mask),
@@ -509,10 +509,14 @@ class _SavedProp(fx.Interpreter):
         self.out_bytes: dict[str, int] = {}
         self._hold: list = []  # every storage seen, kept so no address is reused for another
 
-    def _key(self, t: torch.Tensor) -> tuple[int, int]:
+    def _key(self, t: torch.Tensor) -> tuple[int, int] | None:
+        """(storage identity, bytes), or None for a tensor without storage (sparse, nested)."""
         from torch.multiprocessing.reductions import StorageWeakRef
 
-        st = t.untyped_storage()
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return None
         self._hold.append(st)
         return StorageWeakRef(st).cdata, st.nbytes()
 
@@ -522,11 +526,9 @@ class _SavedProp(fx.Interpreter):
         def pack(t: torch.Tensor) -> torch.Tensor:
             base = t if t._base is None else t._base
             if not (base.is_leaf and base.requires_grad):  # parameters (and views of them) are training state
-                try:
-                    k, b = self._key(t)
-                    packed[k] = b
-                except (RuntimeError, NotImplementedError):
-                    pass
+                key = self._key(t)
+                if key is not None:
+                    packed[key[0]] = key[1]
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -535,10 +537,9 @@ class _SavedProp(fx.Interpreter):
         outs = _flatten_tensors(out)
         self.out_bytes[n.name] = sum(t.numel() * t.element_size() for t in outs)
         for t in outs:
-            try:
-                self.owner.setdefault(self._key(t)[0], n.name)
-            except (RuntimeError, NotImplementedError):
-                pass
+            key = self._key(t)
+            if key is not None:
+                self.owner.setdefault(key[0], n.name)
         return out
 
     def fractions(self) -> dict[str, float]:
@@ -554,21 +555,24 @@ class _SavedProp(fx.Interpreter):
         return {name: kept.get(name, 0.0) / ob for name, ob in self.out_bytes.items() if ob > 0}
 
 
-def _saved_fractions(gm: fx.GraphModule, meta_inputs: tuple) -> dict[str, float]:
-    """:class:`_SavedProp` over ``gm``; {} when the program does not run under autograd on fake
-    tensors (the cost model then falls back to counting every op's output)."""
+def _propagate(gm: fx.GraphModule, fake_inputs: Callable) -> tuple[_SpecProp, dict[str, float]]:
+    """Specs, FLOPs and saved-activation fractions of ``gm`` from one forward on fake tensors
+    with autograd on (:class:`_SavedProp`). A program that does not run under autograd there
+    is propagated again without it (which raises CaptureError if it fails for real); its
+    fractions are then {} and the cost model counts every op's output as saved."""
     prop = _SavedProp(gm)
     try:
-        run_on_fake(gm, prop, lambda fake: tuple(fake(t.shape, t.dtype) if isinstance(t, torch.Tensor) else t
-                                                 for t in meta_inputs), grad=True)
-    except Exception as e:  # noqa: BLE001 - the spec pass ran this program; this pass only refines memory
-        import warnings
+        run_on_fake(gm, prop, fake_inputs, grad=True)
+        return prop, prop.fractions()
+    except Exception as e:  # noqa: BLE001 - retried below without autograd, where real errors surface
+        first = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    plain = _SpecProp(gm)
+    run_on_fake(gm, plain, fake_inputs)
+    import warnings
 
-        warnings.warn(f"capture: the forward did not run under autograd on fake tensors ({type(e).__name__}: "
-                      f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); saved activations "
-                      f"are estimated as every op's output", stacklevel=3)
-        return {}
-    return prop.fractions()
+    warnings.warn(f"capture: the forward did not run under autograd on fake tensors ({first}); saved "
+                  f"activations are estimated as every op's output", stacklevel=3)
+    return plain, {}
 
 
 def _flatten_tensors(x: Any) -> list[torch.Tensor]:
@@ -643,11 +647,8 @@ def capture(
         canon.setdefault(name, name)
     aliases = {k: v for k, v in canon.items() if k != v}
 
-    prop = _SpecProp(gm)
-    run_on_fake(gm, prop, lambda fake: tuple(fake(t.shape, t.dtype) if isinstance(t, torch.Tensor) else t
-                                             for t in meta_inputs))
-
-    saved = _saved_fractions(gm, meta_inputs)
+    prop, saved = _propagate(gm, lambda fake: tuple(fake(t.shape, t.dtype) if isinstance(t, torch.Tensor) else t
+                                                    for t in meta_inputs))
 
     blocks = find_repeated_blocks(model)
     nodes: dict[str, NodeInfo] = {}

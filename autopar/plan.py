@@ -154,7 +154,7 @@ class Predicted:
     flops_per_step: float = 0.0
     memory_capacity_bytes: int = 0  # usable per device (after the reserve)
     #: when the fullest device peaks: loss_backward | with_gradients | optimizer_step
-    #: (autopar.solvers.evaluate.peak_moments); "" in plans written before it was recorded
+    #: (autopar.solvers.evaluate.moments); "" in plans written before it was recorded
     memory_peak_at: str = ""
 
 

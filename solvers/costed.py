@@ -594,7 +594,7 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
     # dp, whole on tp: autopar.runtime.steps.OUTPUT_PLACEMENT); a unit that feeds it in another
     # placement pays that reshard (and its gradient's) every microbatch
     feeds_output = {src for info in g.nodes.values() if info.kind is OpKind.OUTPUT for src in info.inputs}
-    out_want = (Shard(0) if cand.dp > 1 else R, R)
+    out_want = _output_placement(cand)
     for u in struct.units:
         info = g.nodes[u]
         ss = strats(u)
@@ -691,10 +691,16 @@ def annotate(struct: GraphStructure, registry: StrategyRegistry, cluster: Cluste
                    table_cache, precision)
 
 
+def _output_placement(cand: Candidate) -> tuple[Placement, Placement]:
+    """The (dp, tp) placement the runtime hands the model output to the loss in: batch rows on
+    dp, whole on tp (autopar.runtime.steps.OUTPUT_PLACEMENT)."""
+    return (Shard(0) if cand.dp > 1 else R, R)
+
+
 def _loss_bytes(struct: GraphStructure, cand: Candidate, precision: str) -> float:
     """Bytes the loss holds at its backward (CostedGraph.loss_bytes), per microbatch."""
     g = struct.graph
-    want = (Shard(0) if cand.dp > 1 else R, R)
+    want = _output_placement(cand)
     total = 0.0
     for info in g.nodes.values():
         if info.kind is not OpKind.OUTPUT:
@@ -840,10 +846,9 @@ def _state_cost(g: Graph, owned: list[str], info: NodeInfo, s: Strategy, c: Stat
     inf = math.inf
     host_link = dev.host_link_bandwidth if dev.host_link != "none" else 0.0
     foreach = dev.kind == "gpu"
-    for i, (p, pl) in enumerate(zip(info.params, s.params)):
+    for p, pl, gpl in zip(info.params, s.params, s.param_grads):
         if p not in owned:
             continue
-        gpl = s.param_grads[i] if i < len(s.param_grads) else pl
         spec = g.params[p]
         numel = spec.numel
         if isinstance(pl[1], Shard):

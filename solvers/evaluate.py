@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 from .costed import BACKWARD_SHARE, CostedGraph, EdgeCosts, NodeCosts, StageSpec
 
@@ -55,7 +55,7 @@ class Breakdown:
     host_bytes: tuple[float, ...]  # offloaded to host memory, per device of each rank
     feasible: bool
     over: tuple[float, ...] = field(default=())  # bytes over device (plus host) capacity per stage
-    memory_moment: tuple[str, ...] = field(default=())  # per pipeline rank: when it peaks (peak_moments)
+    memory_moment: tuple[str, ...] = field(default=())  # per pipeline rank: when it peaks (moments)
 
 
 #: Bytes a stage may exceed its capacity by and still count as fitting: the ILP's feasibility
@@ -101,16 +101,18 @@ def param_holders(cg: CostedGraph, n: NodeCosts) -> list[tuple[int, int]]:
     return sorted(out.items())
 
 
-def after_first_backward(st: StageSpec, m: int) -> float:
-    """Microbatches of activations a stage holds once its gradients exist: after its first
-    backward, the rest of its in-flight microbatches and, where more forwards follow (1F1B's
-    steady state, gradient accumulation), one refilled; none for one microbatch."""
-    return min(st.inflight, m - 1)
+class Moment(NamedTuple):
+    """What is alive at one moment a stage's peak can sit: microbatches of saved activations,
+    whether the gradients exist, whether the optimizer step's temporaries do, loss bytes."""
+
+    acts: float
+    grads: bool
+    step: bool
+    loss: float
 
 
-def peak_moments(st: StageSpec, m: int, state: float, grads: float, working: float, act_mb: float,
-                 loss: float, step_temps: float) -> dict[str, float]:
-    """A stage's bytes at the three moments its peak can sit, and why there are three.
+def moments(st: StageSpec, m: int, loss: float) -> dict[str, Moment]:
+    """The three moments a stage's peak can sit at, and why there are three.
 
     A training step's live bytes rise through the forward (saved activations) and, in the
     backward, trade activations for gradients layer by layer, then the optimizer step adds
@@ -118,33 +120,38 @@ def peak_moments(st: StageSpec, m: int, state: float, grads: float, working: flo
 
     * ``loss_backward``: every in-flight activation plus the loss's tensors, before any
       gradient exists (the previous step's ``zero_grad(set_to_none=True)`` freed them);
-    * ``with_gradients``: gradients whole while microbatches are still in flight (GPipe's
-      later backwards, 1F1B's steady state, gradient accumulation); equal to the step end's
-      training state when there is one microbatch;
+    * ``with_gradients``: gradients whole while microbatches are still in flight: after the
+      first backward, the rest of the in-flight microbatches and, where more forwards follow
+      (1F1B's steady state, gradient accumulation), one refilled; with one microbatch, none
+      (the step end's training state);
     * ``optimizer_step``: gradients whole, activations gone, the step's temporaries.
 
     Counting every gradient beside every activation, as this model did before, was 8-19 %
-    over the measured peaks on the accuracy bench (2026-11-23)."""
-    later = after_first_backward(st, m)
-    return {
-        "loss_backward": state - grads + working + st.inflight * act_mb + loss,
-        "with_gradients": state + working + later * act_mb + (loss if later > 0 else 0.0),
-        "optimizer_step": state + working + step_temps,
-    }
+    over the measured peaks on the accuracy bench (2026-11-23). evaluate() and the ILP
+    (formulation._memory) both price these."""
+    later = min(st.inflight, m - 1)
+    return {"loss_backward": Moment(st.inflight, False, False, loss),
+            "with_gradients": Moment(later, True, False, loss if later > 0 else 0.0),
+            "optimizer_step": Moment(0.0, True, True, 0.0)}
 
 
-def moment_breakdown(peak: str, st: StageSpec, m: int, state: float, grads: float, working: float,
-                     act_mb: float, loss: float, step_temps: float) -> dict[str, float]:
-    """The peak moment's bytes by kind (training state, working buffers: gradient buckets and
+def moment_breakdown(mo: Moment, state: float, grads: float, working: float, act_mb: float,
+                     step_temps: float) -> dict[str, float]:
+    """A moment's bytes by kind (training state, working buffers: gradient buckets and
     gathered parameters, activations with the loss's tensors, and at the optimizer step its
-    temporaries); they sum to that moment's total."""
-    if peak == "loss_backward":
-        return {"training_state": state - grads, "working": working, "activations": st.inflight * act_mb + loss}
-    if peak == "with_gradients":
-        later = after_first_backward(st, m)
-        return {"training_state": state, "working": working,
-                "activations": later * act_mb + (loss if later > 0 else 0.0)}
-    return {"training_state": state, "working": working, "activations": 0.0, "optimizer_temporaries": step_temps}
+    temporaries); their sum is the moment's total."""
+    out = {"training_state": state - (0.0 if mo.grads else grads), "working": working,
+           "activations": mo.acts * act_mb + mo.loss}
+    if mo.step:
+        out["optimizer_temporaries"] = step_temps
+    return out
+
+
+def peak_moments(st: StageSpec, m: int, state: float, grads: float, working: float, act_mb: float,
+                 loss: float, step_temps: float) -> dict[str, float]:
+    """A stage's bytes at each of its :func:`moments`."""
+    return {name: sum(moment_breakdown(mo, state, grads, working, act_mb, step_temps).values())
+            for name, mo in moments(st, m, loss).items()}
 
 
 def evaluate(cg: CostedGraph, d: Decision) -> Breakdown:
@@ -193,10 +200,11 @@ def evaluate(cg: CostedGraph, d: Decision) -> Breakdown:
         act = sum(stage_mult(cg, n.place, i) * n.act_bytes[idx[n.name]] for n in cg.nodes)
         act_mb = act - (r + o) * (A - C)
         host += st.inflight * o * (A - C)
-        moments = peak_moments(st, m, state_mem, grads, working + gather, act_mb,
-                               cg.loss_bytes if st.suffix else 0.0, step_sum + step_max)
-        peak = max(moments, key=moments.get)
-        memory = moments[peak]
+        at = moments(st, m, cg.loss_bytes if st.suffix else 0.0)
+        brk = {name: moment_breakdown(mo, state_mem, grads, working + gather, act_mb, step_sum + step_max)
+               for name, mo in at.items()}
+        peak = max(brk, key=lambda name: sum(brk[name].values()))
+        memory = sum(brk[peak].values())
         moment_list.append(peak)
         e = cg.overlap_efficiency
         exp_a = max(0.0, overlap - e * m * t, (1.0 - e) * overlap)
@@ -205,8 +213,7 @@ def evaluate(cg: CostedGraph, d: Decision) -> Breakdown:
         t_list.append(t)
         mem_list.append(memory)
         host_list.append(host)
-        brk_list.append(moment_breakdown(peak, st, m, state_mem, grads, working + gather, act_mb,
-                                         cg.loss_bytes if st.suffix else 0.0, step_sum + step_max))
+        brk_list.append(brk[peak])
         over.append(max(0.0, memory - st.capacity_bytes) + max(0.0, host - st.host_capacity_bytes))
         comp_list.append(compute + r * F)
         comm_list.append(comm)
@@ -233,7 +240,7 @@ def memory_lower_bound(cg: CostedGraph) -> tuple[float, ...]:
     smallest (strategy, state config), every block recomputed or offloaded (only its
     checkpoint C stays), every other unit at its smallest saved activation, at the loss's
     backward (no gradients yet) and at the optimizer step (gradients, no activations; see
-    :func:`peak_moments`). A candidate whose bound exceeds the capacity is infeasible
+    :func:`moments`). A candidate whose bound exceeds the capacity is infeasible
     without building its ILP."""
     out = []
     block_ckpt = sum(min(cg.node(u).out_bytes) for u in cg.chain_outputs)

@@ -26,7 +26,7 @@ Constraints, one family per function below:
     time_i      t_i >= sum_u mult_i(u) c_u x + sum_e mult_i(e) c_e z + sum F_us R[i,u,s]
                 t_i >= sum 2 (A - C)_us O[i,u,s] / host_bw                  (_stage_time)
     t_max       t_max >= t_i                                             (_stage_time)
-    memory_i,k  for each moment k the peak can sit at (evaluate.peak_moments: the loss's
+    memory_i,k  for each moment k the peak can sit at (evaluate.moments: the loss's
                 backward, gradients beside later microbatches, the optimizer step), with
                 f_ik microbatches of activations in flight then (f_i, min(f_i, m-1), 0):
                 sum mult y state_mem_k + working y + w_i [+ u_i] + f_ik (sum mult act x
@@ -62,7 +62,7 @@ from typing import Optional
 from ortools.linear_solver import pywraplp
 
 from .costed import BACKWARD_SHARE, CostedGraph
-from .evaluate import after_first_backward, edge_mult, group_of, param_holders, stage_mult
+from .evaluate import edge_mult, group_of, moments, param_holders, stage_mult
 
 MS = 1e3  # seconds -> model time unit
 GIB = float(2**30)  # bytes -> model memory unit
@@ -309,18 +309,12 @@ def _held_states(cg: CostedGraph, y, n, i: int, dev: str):
 
 
 def _memory(solver, cg: CostedGraph, x, y, R, O) -> None:
-    """Per stage, its bytes at each moment the peak can sit (evaluate.peak_moments) within
-    its capacity: the loss's backward (activations, no gradients), gradients beside the
+    """Per stage, its bytes at each moment the peak can sit (evaluate.moments) within its
+    capacity: the loss's backward (activations, no gradients), gradients beside the
     microbatches still in flight, the optimizer step (gradients and its temporaries)."""
     m = cg.candidate.num_microbatches
     for i, st in enumerate(cg.stages):
         dev = st.device
-        later = after_first_backward(st, m)
-        loss = cg.loss_bytes if st.suffix else 0.0
-        # moment -> (activation microbatches, with gradients, with step temporaries, loss bytes)
-        moments = {"loss_backward": (st.inflight, False, False, loss),
-                   "with_gradients": (later, True, False, loss if later > 0 else 0.0),
-                   "optimizer_step": (0.0, True, True, 0.0)}
         # the largest node's transient gather and (one tensor at a time) step temporaries:
         # w >= each node's chosen bytes
         maxvars = {}
@@ -333,7 +327,7 @@ def _memory(solver, cg: CostedGraph, x, y, R, O) -> None:
                     _constraint(solver, {w: 1.0, **{v: -b / GIB for b, v in row if b > 0}}, 0, solver.infinity())
                 maxvars[kind] = w
         _, AC = _block_sums(cg, i)
-        for name, (acts, with_grads, with_step, extra) in moments.items():
+        for name, (acts, with_grads, with_step, extra) in moments(st, m, cg.loss_bytes if st.suffix else 0.0).items():
             terms: Terms = {}
             for n in cg.nodes:
                 k = stage_mult(cg, n.place, i)

@@ -339,7 +339,7 @@ def test_peak_moments_follow_the_schedule():
     the loss's backward and the optimizer step). GPipe's m microbatches: after the first
     backward, m - 1 of them sit beside whole gradients. 1F1B's steady state refills one."""
     from autopar.solvers.costed import StageSpec
-    from autopar.solvers.evaluate import moment_breakdown, peak_moments
+    from autopar.solvers.evaluate import moment_breakdown, moments, peak_moments
 
     def stage(inflight, suffix=True):
         return StageSpec(0, "d", 2, inflight, True, suffix, 1e12, False)
@@ -352,5 +352,8 @@ def test_peak_moments_follow_the_schedule():
     assert gpipe["with_gradients"] == 400 + 10 + 3 * 50 + 8
     f1b = peak_moments(stage(2.0, suffix=False), 8, state, grads, work, act, 0.0, temps)
     assert f1b["with_gradients"] == 400 + 10 + 2 * 50  # a forward refills the one the backward freed
-    for name, total in gpipe.items():  # the breakdown of each moment adds up to it
-        assert sum(moment_breakdown(name, stage(4.0), 4, state, grads, work, act, loss, temps).values()) == total
+    at = moments(stage(4.0), 4, loss)  # each moment's breakdown, by kind
+    assert moment_breakdown(at["loss_backward"], state, grads, work, act, temps) == {
+        "training_state": 300, "working": 10, "activations": 4 * 50 + 8}
+    assert moment_breakdown(at["optimizer_step"], state, grads, work, act, temps) == {
+        "training_state": 400, "working": 10, "activations": 0, "optimizer_temporaries": 20}
