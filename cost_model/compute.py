@@ -24,8 +24,10 @@ erf, silu, tanh ... are compute-bound on a CPU, far below the stream-bandwidth r
 CONV nodes by the measured convolution fit (small convolutions run far below the matmul
 fit on a CPU, and their backward at a third to a half of the forward's FLOP/s), and
 every node the runtime executes (views included) pays the runtime's measured per-node
-overhead (``node_overhead_s``) and, for the bytes it allocates, the measured page-fault cost
-of fresh memory (``first_touch_bandwidth``). Catalog devices carry none of these and keep
+overhead (``node_overhead_s``) and, for tensors large enough to be freshly mapped
+(:data:`FRESH_MAPPING_BYTES`), the measured page-fault cost (``first_touch_bandwidth``);
+fused attention (``scaled_dot_product_attention``) is priced by the measured fit of the
+kernel where the profile has one (GPUs, and CPUs since 2026-11-23). Catalog devices carry none of these and keep
 the roofline above.
 """
 from __future__ import annotations
@@ -141,6 +143,13 @@ def kernel_class(node_kind: str, target: str, kwargs: "dict | None" = None) -> "
     return "add"
 
 
+#: Allocations from this size up are always freshly mapped pages with glibc's malloc: its
+#: dynamic mmap threshold stops growing at DEFAULT_MMAP_THRESHOLD_MAX, 4 * 1024 * 1024 *
+#: sizeof(long) = 32 MiB on 64-bit Linux (glibc malloc/malloc.c; mallopt(3)); smaller
+#: tensors mostly come back from the heap, already mapped.
+FRESH_MAPPING_BYTES = 32 << 20
+
+
 def node_time(flops: float, bytes_moved: float, elements: float, dtype, device: DeviceSpec,
               kind: "str | None", kernel: "str | None" = None, out_bytes: float = 0.0) -> tuple[float, float]:
     """``(forward_s, backward_s)`` of one graph node per microbatch, overheads included.
@@ -155,16 +164,20 @@ def node_time(flops: float, bytes_moved: float, elements: float, dtype, device: 
       step, forward + backward) is charged that for every node, split forward : backward as
       1 : BACKWARD_FACTOR; otherwise ``op_overhead_s`` forward and BACKWARD_FACTOR x that backward
       for nodes that do work (the op_time convention).
-    * fresh memory: on a device with a measured ``first_touch_bandwidth``, the ``out_bytes``
-      a node's forward allocates, and the ``bytes_moved - out_bytes`` (input and parameter
-      gradients, same sizes as what it read) its backward allocates, are charged at that rate
-      (page faults of freshly mapped pages; the matmul fit and kernel rates exclude them).
-      Known approximation: with glibc's default allocator most of these tensors reuse heap
-      memory (a small GPT / LLaMA step faults 7-17 MiB, getrusage, where this charges every
-      byte written: 28-63 ms of a 90-150 ms step on the 2-core VM). The charge stands in for
-      costs the other figures miss (a real model's nodes cost the runtime ~2x a tanh-chain
-      node; cold operands); pricing only true faults plus a per-node cost measured on
-      transformer blocks predicted the accuracy benchmark worse (see the README), so it stays."""
+    * fresh memory: on a device with a measured ``first_touch_bandwidth``, the bytes a node
+      allocates that come from freshly mapped pages are charged at that rate (page faults; the
+      matmul fit and the kernel rates are timed on memory the allocator reuses): the forward's
+      ``out_bytes`` and the backward's ``bytes_moved - out_bytes`` (input and parameter
+      gradients, the sizes of what it read), each where it reaches :data:`FRESH_MAPPING_BYTES`.
+      Smaller tensors reuse heap memory: a GPT / LLaMA step on the 2-core VM faulted 1-17 MiB
+      (``getrusage`` minor faults), 0.1-0.8 MiB with glibc's mmap threshold raised.
+      Until 2026-11-23 every byte written was charged here, standing in for costs the other
+      figures missed; that added 50-75 % to the one-process transformer steps (GPT small: 76
+      of 221 ms) whose kernels, run eagerly, measured -15..+2 % off the rest of the
+      prediction (seven zoo models, one process, 2-core VM), and it charged the kernel-rate
+      nodes a second time, their rates already holding their writes. What it stood in for
+      is the runtime's cost per node of real transformer code, now measured on such blocks
+      (``node_overhead_s``; see the README, "What changed in the model")."""
     if kind is None:
         fwd = bwd = 0.0
     else:
@@ -196,8 +209,9 @@ def node_time(flops: float, bytes_moved: float, elements: float, dtype, device: 
             if rates.get(f"{kernel}_bwd"):
                 bwd = max(bwd, elements / (speed * rates[f"{kernel}_bwd"]))
     if device.first_touch_bandwidth > 0 and kind is not None:
-        fwd += out_bytes / device.first_touch_bandwidth
-        bwd += max(0.0, bytes_moved - out_bytes) / device.first_touch_bandwidth
+        grads = max(0.0, bytes_moved - out_bytes)
+        fwd += (out_bytes if out_bytes >= FRESH_MAPPING_BYTES else 0.0) / device.first_touch_bandwidth
+        bwd += (grads if grads >= FRESH_MAPPING_BYTES else 0.0) / device.first_touch_bandwidth
     if device.node_overhead_s > 0:
         share = device.node_overhead_s / (1.0 + BACKWARD_FACTOR)
         return fwd + share, bwd + BACKWARD_FACTOR * share

@@ -107,14 +107,18 @@ class DeviceSpec:
         for NAME in gelu, silu, tanh, exp, softmax, layer_norm, add, mul (fp32), and the
         convolution fit ``seconds = (flops + half) / rate`` per direction: ``conv_fwd`` /
         ``conv_bwd`` in FLOP/s, ``conv_fwd_half`` / ``conv_bwd_half`` in FLOPs (the backward's
-        FLOPs are twice the forward's); empty for catalog devices, which keep the roofline.
+        FLOPs are twice the forward's), and the fused attention's fits of the same form
+        ``sdpa[_causal]_DTYPE_fwd`` / ``_bwd`` (``_half``); empty for catalog devices, which
+        keep the roofline.
       optimizer_tensor_overhead_s: optimizer -> seconds per parameter tensor per step of a
         single-tensor (for-loop) optimizer (keys ``adam``, ``sgd``); empty = not measured.
       optimizer_rates: optimizer -> measured parameter elements/s of its step's arithmetic
         (same keys) on cache-sized tensors, and ``OPT_large`` on tensors that stream from
         memory (:func:`autopar.cost_model.compute.optimizer_step_time` interpolates).
       first_touch_bandwidth: B/s at which freshly mapped memory is first written (page faults
-        alone), charged on the bytes each node allocates; 0 = not measured / not charged.
+        alone), charged on the tensors a node allocates that are large enough to be freshly
+        mapped (:data:`autopar.cost_model.compute.FRESH_MAPPING_BYTES`); 0 = not measured /
+        not charged.
       matmul_stream_bandwidth: B/s at which a CPU GEMM streams (packs) its operands, fitted by
         the profiler jointly with the matmul rate over square and skinny shapes; a CPU
         matmul's time is compute + operands / this (:func:`autopar.cost_model.compute.op_time`).

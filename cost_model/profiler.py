@@ -30,8 +30,8 @@ What is measured (all with torch, no ISA-specific code, so it runs on x86 and AR
    host<->device copies (host link bandwidth).
 3. What the node pricing uses on a measured CPU (:func:`autopar.cost_model.compute.node_time`):
    ``node_overhead_s``, autopar's runtime itself timed per graph node per training step
-   (:class:`RuntimeProbe`: a captured chain of K tanh nodes through ``apply_plan`` +
-   ``train_step`` at two K; 1 rank in this process, and 2 and ``nproc`` ranks (dp plans) in the
+   (:class:`RuntimeProbe`: captured toy-width transformer blocks through ``apply_plan`` +
+   ``train_step`` at two block counts, their parameters' cost taken out; 1 rank in this process, and 2 and ``nproc`` ranks (dp plans) in the
    rank phase, in blocks spread over it; other n scale the DTensor chain figure by the
    runtime/DTensor ratio measured at the nearest n, said in the provenance notes). It replaces
    the per-op DTensor tanh-chain estimate in node pricing because it is the runtime's own cost
@@ -44,12 +44,13 @@ What is measured (all with torch, no ISA-specific code, so it runs on x86 and AR
    ``kernel_rates``: elements/s of gelu (erf and tanh forms), silu, tanh, exp, softmax,
    layer_norm, add, mul, batch_norm and max_pool forward and backward (:func:`kernel_rates`,
    per output element), so ELEMENTWISE / NORM / SOFTMAX / max POOL nodes are priced by
-   measurement, not by stream bandwidth (transcendentals are compute-bound on a CPU).
-   ``optimizer_tensor_overhead_s`` and ``optimizer_rates``: a single-tensor Adam / SGD step's
+   measurement, not by stream bandwidth (transcendentals are compute-bound on a CPU), and
+   the fused attention fits ``sdpa[_causal]_fp32_fwd`` / ``_bwd`` (:func:`attention_rates`
+   over :data:`CPU_SDPA_SHAPES`). ``optimizer_tensor_overhead_s`` and ``optimizer_rates``: a single-tensor Adam / SGD step's
    per-tensor and per-element cost (:func:`optimizer_step_costs`). ``first_touch_bandwidth``:
    the page-fault cost of writing freshly mapped memory (:func:`first_touch_bandwidth`),
-   charged on every byte a node allocates (its outputs forward, its input and parameter
-   gradients backward). Each is measured per process count.
+   charged on the tensors a node allocates that are large enough to be freshly mapped
+   (:data:`autopar.cost_model.compute.FRESH_MAPPING_BYTES`). Each is measured per process count.
 
 Limitations: timings are rank 0's. Each matmul point and each cheap rate (stream, kernels,
 optimizer, first touch: :func:`host_rates`) is the median over a few rounds, so a burst of host
@@ -403,9 +404,12 @@ def _kernel_fn(name: str, width: int, device: str = "cpu"):
 
 
 def kernel_rates(shape: tuple[int, int] = KERNEL_SHAPE, device: str = "cpu", reps: int = 7, chain: int = 16,
-                 kernels: Sequence[str] = KERNELS, shared: bool = False, conv: bool = True) -> dict[str, float]:
+                 kernels: Sequence[str] = KERNELS, shared: bool = False, conv: bool = True,
+                 attention: Optional[bool] = None) -> dict[str, float]:
     """Elements/s of each kernel's forward (``NAME_fwd``) and backward (``NAME_bwd``) on an
-    fp32 tensor of ``shape``, and with ``conv`` the ``conv2d`` fit of :func:`_conv_rates`,
+    fp32 tensor of ``shape``, with ``conv`` the ``conv2d`` fit of :func:`_conv_rates`, and
+    with ``attention`` (default: on a CPU) the fp32 fused-attention fits of
+    :func:`attention_rates` over :data:`CPU_SDPA_SHAPES`,
     allocating as a training step does: one repetition runs the op
     ``chain`` times keeping every output alive (like saved activations: forward with autograd
     recording; backward as ``autograd.grad`` of one recorded forward, a fresh gradient each
@@ -444,6 +448,8 @@ def kernel_rates(shape: tuple[int, int] = KERNEL_SHAPE, device: str = "cpu", rep
         out[f"{name}_bwd"] = n_out / per_call(lambda: torch.autograd.grad(y, x, gy, retain_graph=True))
     if conv:
         out.update(_conv_rates(device, per_call))
+    if attention if attention is not None else not device.startswith("cuda"):
+        out.update(attention_rates(device, ("fp32",), CPU_SDPA_SHAPES, reps=max(3, reps), copies=2))
     return out
 
 
@@ -475,6 +481,11 @@ def _conv_rates(device: str, per_call: Callable) -> dict[str, float]:
 #: fused attention timed on a GPU, (batch, heads, sequence, head dim): a small and a large
 #: case, for the fit ``seconds = (flops + half) / rate`` per dtype and mask
 GPU_SDPA_SHAPES: tuple[tuple[int, int, int, int], ...] = ((4, 16, 512, 64), (8, 16, 2048, 64))
+#: the same on a CPU, at the sizes a CPU trains: the small transformers' (8, 4, 64, 64) and
+#: twice its sequence. On the 2-core VM the causal forward at the first ran 0.85 ms in a GPT
+#: step, 2.6x the 0.33 ms the matmul fit gives its FLOPs (the fused CPU kernel works in
+#: small blocks, and its backward recomputes the softmax)
+CPU_SDPA_SHAPES: tuple[tuple[int, int, int, int], ...] = ((8, 4, 64, 64), (8, 4, 128, 64))
 
 
 def attention_rates(device: str = "cuda", dtypes: Sequence[str] = ("fp32", "bf16"),
@@ -660,6 +671,48 @@ def _chain_model(k: int):
     return Chain()
 
 
+def _block_chain_model(k: int, width: int = 8, heads: int = 2):
+    """``k`` pre-norm transformer blocks at toy width, written as transformer code is (GPT-2,
+    nanoGPT, the zoo's GPT): layer norm, a fused qkv Linear split by ``chunk``, heads by
+    ``unflatten`` / ``transpose``, causal ``scaled_dot_product_attention``, the output
+    projection, a residual add, then layer norm, Linear, GELU, Linear and a residual add: 22
+    graph nodes and 12 parameters a block. The work is negligible at width 8; what a block
+    costs is the runtime's per node. Why not the tanh chain alone: on the 2-core VM a real
+    transformer's node cost the runtime 1.7-2.4x a tanh node (tiny GPT, BERT and such blocks,
+    parameters priced apart; the tanh node is one DTensor op forward and one backward, a
+    Linear on a 3-D activation several, a view's sharding propagation more than its kernel)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+            self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+            self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+        def forward(self, x):
+            q, k, v = self.qkv(self.ln_1(x)).chunk(3, dim=-1)
+            q, k, v = (z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in (q, k, v))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.proj(a.transpose(1, 2).flatten(2))
+            return x + self.down(F.gelu(self.up(self.ln_2(x))))
+
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(k))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    return Blocks()
+
+
 def _param_chain_model(k: int):
     import torch
     from torch import nn
@@ -683,7 +736,7 @@ def _param_chain_model(k: int):
     return ParamChain()
 
 
-def _alternating_step_s(models: dict, x, target, loss_fn, factory, reps: int, rounds: int,
+def _alternating_step_s(models: dict, data: dict, loss_fn, factory, reps: int, rounds: int,
                         barrier: Callable[[], None]) -> dict:
     """Seconds per ``train_step`` of each model: the median over ``rounds`` rounds of the mean
     over ``reps`` steps, rounds alternating between the models so a host that slows down or
@@ -692,17 +745,17 @@ def _alternating_step_s(models: dict, x, target, loss_fn, factory, reps: int, ro
     process waits for the others, as a training step does; the median over rounds leaves out
     a burst of host slowness. (The fastest round, which this once used without shared cores,
     gave a 2-rank slope of 37-120 us per node in four back-to-back measurements; the median
-    of 9 rounds over a 64-node chain 90-124.)"""
-    for pm in models.values():
+    of 9 rounds over a 64-node chain 90-124.) ``data``: model key -> its ``(inputs, targets)``."""
+    for k, pm in models.items():
         for _ in range(2):
-            pm.train_step(x, target, loss_fn, factory)
+            pm.train_step(*data[k], loss_fn, factory)
     per_round: dict = {k: [] for k in models}
     for _ in range(rounds):
         for k, pm in models.items():
             barrier()
             start = time.perf_counter()
             for _ in range(reps):
-                pm.train_step(x, target, loss_fn, factory)
+                pm.train_step(*data[k], loss_fn, factory)
             per_round[k].append((time.perf_counter() - start) / reps)
     return {k: statistics.median(v) for k, v in per_round.items()}
 
@@ -710,10 +763,14 @@ def _alternating_step_s(models: dict, x, target, loss_fn, factory, reps: int, ro
 class RuntimeProbe:
     """autopar's runtime timed on tiny data-parallel plans, built once and timed in blocks.
 
-    * per node: a chain of K tanh nodes (:func:`_chain_model`) at two K; the slope of
-      ``train_step`` over the node count is what one more node costs the real runtime (fx
-      interpretation, DTensor wrapping, input and output placement checks, autograd), the
-      tanh itself negligible on a 4x8 tensor;
+    * per node: toy-width transformer blocks (:func:`_block_chain_model`) at two block
+      counts; the slope of ``train_step`` over the node count, less the per-parameter figure
+      below for the parameters the added blocks bring, is what one more node of a
+      transformer costs the real runtime (fx interpretation, DTensor wrapping and sharding
+      propagation, input and output placement checks, autograd), the arithmetic negligible at
+      width 8. The tanh chain's slope (:func:`_chain_model`, K tanh nodes at two K: one
+      DTensor op a node) is kept beside it (``per_node_tanh``), and stands in where the
+      block slope comes out at 0 or below (noise);
     * per parameter: the :func:`_param_chain_model` chain (one parameter per node) against the
       tanh chain of the same length, per parameter. In a DTensor plan each parameter's
       gradient is accumulated through DTensor dispatch (AccumulateGrad) and tracked for its
@@ -726,7 +783,8 @@ class RuntimeProbe:
     the initialised default process group, which must then have ``world`` ranks. Raises
     ImportError when the runtime is not importable (the profiler then falls back)."""
 
-    def __init__(self, world: int, mesh=None, own_mesh=None, chain: tuple[int, int] = (4, 64)) -> None:
+    def __init__(self, world: int, mesh=None, own_mesh=None, chain: tuple[int, int] = (4, 64),
+                 blocks: tuple[int, int] = (1, 4)) -> None:
         import torch
 
         from autopar.graph import capture
@@ -746,52 +804,70 @@ class RuntimeProbe:
         for key, make, k in (("short", _chain_model, short), ("long", _chain_model, long),
                              ("param", _param_chain_model, long)):
             self.models[key], self.nodes[key] = build(make, k, world, mesh)
+        self.data = {key: (self.x, self.target) for key in self.models}
+        # transformer blocks on [2 per rank, 4, 8] activations, batch split over the ranks
+        self.blocks = blocks
+        bx, bt = torch.randn(2 * world, 4, 8), torch.randn(2 * world, 4, 8)
+        self.block_params = {}
+        for key, k in zip(("blocks_short", "blocks_long"), blocks):
+            g = capture(_block_chain_model(k), (bx[: 2 * world],))
+            self.models[key] = apply_plan(g, make_plan(g, "dp", world), mesh=mesh)
+            self.nodes[key], self.block_params[key] = len(g.nodes), len(g.params)
+            self.data[key] = (bx, bt)
         self.own = {}
         if own_mesh is not None:
             self.own = {key: build(make, long, 1, own_mesh)[0]
                         for key, make in (("long", _chain_model), ("param", _param_chain_model))}
 
     def block(self, reps: int = 4, rounds: int = 9, barrier: Callable[[], None] = lambda: None
-              ) -> tuple[float, float, Optional[float]]:
-        """``(per node, per parameter, per parameter without a sync or None)`` seconds per step,
-        each at least 0; the optimizer's per-tensor cost is still in the two per-parameter
-        figures (the caller takes it out). Median of ``rounds`` rounds (:func:`_alternating_step_s`)."""
+              ) -> tuple[float, float, Optional[float], float]:
+        """``(per node, per parameter, per parameter without a sync or None, per tanh node)``
+        seconds per step, each at least 0; the optimizer's per-tensor cost is still in the two
+        per-parameter figures (the caller takes it out). Median of ``rounds`` rounds
+        (:func:`_alternating_step_s`)."""
         import torch
 
         loss_fn = lambda out, t: ((out - t) ** 2).mean()  # noqa: E731
         factory = lambda ps: torch.optim.SGD(ps, lr=1e-3)  # noqa: E731
-        t = _alternating_step_s(self.models, self.x, self.target, loss_fn, factory, reps, rounds, barrier)
+        t = _alternating_step_s(self.models, self.data, loss_fn, factory, reps, rounds, barrier)
         short, long = self.chain
-        node = max(0.0, (t["long"] - t["short"]) / (self.nodes["long"] - self.nodes["short"]))
+        tanh = max(0.0, (t["long"] - t["short"]) / (self.nodes["long"] - self.nodes["short"]))
         param = max(0.0, (t["param"] - t["long"]) / long)
+        # the blocks' slope holds their parameters' cost (and the SGD step's per tensor), which
+        # the cost model charges per parameter: taken out at the per-parameter figure
+        added = self.block_params["blocks_long"] - self.block_params["blocks_short"]
+        node = ((t["blocks_long"] - t["blocks_short"] - added * param)
+                / (self.nodes["blocks_long"] - self.nodes["blocks_short"]))
         local = None
         if self.own:
-            o = _alternating_step_s(self.own, self.x[:4], self.target[:4], loss_fn, factory, reps, rounds, barrier)
+            own_data = {key: (self.x[:4], self.target[:4]) for key in self.own}
+            o = _alternating_step_s(self.own, own_data, loss_fn, factory, reps, rounds, barrier)
             local = max(0.0, (o["param"] - o["long"]) / long)
-        return node, param, local
+        return (node if node > 0 else tanh), param, local, tanh
 
 
-def _runtime_overhead_solo(optimizer_per_tensor_s: float = 0.0) -> tuple[Optional[float], Optional[float], str]:
+def _runtime_overhead_solo(optimizer_per_tensor_s: float = 0.0
+                           ) -> tuple[Optional[float], Optional[float], str, Optional[float]]:
     """The :class:`RuntimeProbe` per-node and per-parameter figures for one rank in this
-    process (a 1-rank gloo world made here and torn down), or ``(None, None, why)`` when they
-    cannot be measured."""
+    process (a 1-rank gloo world made here and torn down), and the tanh chain's per-node figure
+    beside them, or ``(None, None, why, None)`` when they cannot be measured."""
     try:
         import torch.distributed as dist
         import autopar.runtime.apply  # noqa: F401  (importable standalone?)
     except Exception as e:  # the cost model must work without the runtime
-        return None, None, f"runtime not importable ({type(e).__name__}: {e})"
+        return None, None, f"runtime not importable ({type(e).__name__}: {e})", None
     made = False
     try:
         if dist.is_initialized():
             if dist.get_world_size() != 1:
-                return None, None, f"a {dist.get_world_size()}-rank process group is already initialised here"
+                return None, None, f"a {dist.get_world_size()}-rank process group is already initialised here", None
         else:
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
             made = True
-        node, par, _ = RuntimeProbe(1).block()
-        return node, max(0.0, par - optimizer_per_tensor_s), ""
+        node, par, _, tanh = RuntimeProbe(1).block()
+        return node, max(0.0, par - optimizer_per_tensor_s), "", tanh
     except Exception as e:
-        return None, None, f"runtime measurement failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        return None, None, f"runtime measurement failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})", None
     finally:
         if made:
             dist.destroy_process_group()
@@ -1386,9 +1462,10 @@ def _gemm_fit_note(dev: DeviceSpec) -> str:
 
 _KERNEL_NOTE = ("fp32 peak_flops / matmul_flops_half / matmul_stream_bandwidth: fit_gemm over square sizes and "
                 "GEMM_SHAPES; kernel_rates: fp32 elements/s on a 512x1024 tensor, conv_fwd / conv_bwd: FLOP/s "
-                "and half-rate FLOPs of conv2d fitted over CONV_SHAPES (kernel_rates()), used for every dtype; optimizer_tensor_overhead_s / optimizer_rates: single-tensor optimizer step, slope over "
+                "and half-rate FLOPs of conv2d fitted over CONV_SHAPES (kernel_rates()), used for every dtype; "
+                "sdpa[_causal]_fp32_*: fused attention fitted over CPU_SDPA_SHAPES (attention_rates()); optimizer_tensor_overhead_s / optimizer_rates: single-tensor optimizer step, slope over "
                 "tensor count and per-element rate (optimizer_step_costs()); first_touch_bandwidth: page "
-                "faults + unmap of fresh anonymous memory (first_touch_bandwidth())")
+                "faults + unmap of fresh anonymous memory (first_touch_bandwidth()), charged from FRESH_MAPPING_BYTES up")
 
 
 def _arch() -> str:
@@ -1535,9 +1612,10 @@ def _profile(nproc: int, say: Callable[[str], None], h: _Host, matmul_sizes, col
     rt_ovh: dict[str, float] = {}
     par_ovh: dict[str, float] = {}
     par_local: dict[str, float] = {}  # no gradient sync; one process alone has none to make
-    rt_solo, par_solo, rt_why = _runtime_overhead_solo(opt_ovh.get("sgd", 0.0))
+    rt_solo, par_solo, rt_why, tanh_solo = _runtime_overhead_solo(opt_ovh.get("sgd", 0.0))
     if rt_solo is not None:
         rt_ovh["1"] = rt_solo
+        raw["runtime_node_overhead_tanh"] = {"1": tanh_solo}
         par_ovh["1"] = par_local["1"] = par_solo
     if result is not None:
         rt_ovh.update({str(k): v for k, v in result.get("runtime_overhead", {}).items()})
@@ -1565,7 +1643,8 @@ def _profile(nproc: int, say: Callable[[str], None], h: _Host, matmul_sizes, col
     def node_ovh(n: int) -> tuple[float, str]:
         """Runtime per-node per-step seconds for n processes, and how it was obtained."""
         if str(n) in rt_ovh:
-            return rt_ovh[str(n)], "measured on autopar's runtime (tanh chain, train_step slope)"
+            return rt_ovh[str(n)], ("measured on autopar's runtime (toy transformer blocks, train_step slope "
+                                    "less their parameters' cost)")
         # not measured at this n (the runtime's mesh needs the whole world): scale the DTensor
         # chain's figure at n by the runtime/DTensor ratio measured at the nearest n
         have = [int(k) for k in rt_ovh if dt_ovh.get(k, 0) > 0]
