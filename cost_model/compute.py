@@ -169,7 +169,7 @@ def node_time(flops: float, bytes_moved: float, elements: float, dtype, device: 
       matmul fit and the kernel rates are timed on memory the allocator reuses): the forward's
       ``out_bytes`` and the backward's ``bytes_moved - out_bytes`` (input and parameter
       gradients, the sizes of what it read), each where it reaches :data:`FRESH_MAPPING_BYTES`.
-      Smaller tensors reuse heap memory: a GPT / LLaMA step on the 2-core VM faulted 1-17 MiB
+      Smaller tensors reuse heap memory: a GPT / LLaMA step on the 2-core VM faulted 4-17 MiB
       (``getrusage`` minor faults), 0.1-0.8 MiB with glibc's mmap threshold raised.
       Until 2026-11-23 every byte written was charged here, standing in for costs the other
       figures missed; that added 50-75 % to the one-process transformer steps (GPT small: 76
