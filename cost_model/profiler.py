@@ -448,7 +448,9 @@ def kernel_rates(shape: tuple[int, int] = KERNEL_SHAPE, device: str = "cpu", rep
         out[f"{name}_bwd"] = n_out / per_call(lambda: torch.autograd.grad(y, x, gy, retain_graph=True))
     if conv:
         out.update(_conv_rates(device, per_call))
-    if attention if attention is not None else not device.startswith("cuda"):
+    if attention is None:
+        attention = not device.startswith("cuda")
+    if attention:
         out.update(attention_rates(device, ("fp32",), CPU_SDPA_SHAPES, reps=max(3, reps), copies=2))
     return out
 
@@ -771,7 +773,7 @@ class RuntimeProbe:
       transformer costs the real runtime (fx interpretation, DTensor wrapping and sharding
       propagation, input and output placement checks, autograd), the arithmetic negligible at
       width 8. The tanh chain's slope (:func:`_chain_model`, K tanh nodes at two K: one
-      DTensor op a node) is kept beside it (``per_node_tanh``), and stands in where the
+      DTensor op a node) is returned beside it (:meth:`block`), and stands in where the
       block slope comes out at 0 or below (noise);
     * per parameter: the :func:`_param_chain_model` chain (one parameter per node) against the
       tanh chain of the same length, per parameter. In a DTensor plan each parameter's
@@ -808,11 +810,10 @@ class RuntimeProbe:
             self.models[key], self.nodes[key] = build(make, k, world, mesh)
         self.data = {key: (self.x, self.target) for key in self.models}
         # transformer blocks on [2 per rank, 4, 8] activations, batch split over the ranks
-        self.blocks = blocks
         bx, bt = torch.randn(2 * world, 4, 8), torch.randn(2 * world, 4, 8)
         self.block_params = {}
         for key, k in zip(("blocks_short", "blocks_long"), blocks):
-            g = capture(_block_chain_model(k), (bx[: 2 * world],))
+            g = capture(_block_chain_model(k), (bx,))
             self.models[key] = apply_plan(g, make_plan(g, "dp", world), mesh=mesh)
             self.nodes[key], self.block_params[key] = len(g.nodes), len(g.params)
             self.data[key] = (bx, bt)
