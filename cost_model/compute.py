@@ -143,10 +143,11 @@ def kernel_class(node_kind: str, target: str, kwargs: "dict | None" = None) -> "
     return "add"
 
 
-#: Allocations from this size up are always freshly mapped pages with glibc's malloc: its
-#: dynamic mmap threshold stops growing at DEFAULT_MMAP_THRESHOLD_MAX, 4 * 1024 * 1024 *
-#: sizeof(long) = 32 MiB on 64-bit Linux (glibc malloc/malloc.c; mallopt(3)); smaller
-#: tensors mostly come back from the heap, already mapped.
+#: Allocations from this size up are always freshly mapped pages with glibc's malloc: the
+#: runtime fixes its mmap threshold here (:mod:`autopar.runtime.host_memory`), the largest
+#: glibc takes, DEFAULT_MMAP_THRESHOLD_MAX = 4 * 1024 * 1024 * sizeof(long) = 32 MiB on 64-bit
+#: Linux (glibc malloc/malloc.c; mallopt(3)), and keeps freed heap memory mapped, so smaller
+#: tensors come back from the heap, already mapped.
 FRESH_MAPPING_BYTES = 32 << 20
 
 
@@ -169,8 +170,9 @@ def node_time(flops: float, bytes_moved: float, elements: float, dtype, device: 
       matmul fit and the kernel rates are timed on memory the allocator reuses): the forward's
       ``out_bytes`` and the backward's ``bytes_moved - out_bytes`` (input and parameter
       gradients, the sizes of what it read), each where it reaches :data:`FRESH_MAPPING_BYTES`.
-      Smaller tensors reuse heap memory: a GPT / LLaMA step on the 2-core VM faulted 4-17 MiB
-      (``getrusage`` minor faults), 0.1-0.8 MiB with glibc's mmap threshold raised.
+      Smaller tensors reuse heap memory under the runtime's allocator settings
+      (:mod:`autopar.runtime.host_memory`; without them a GPT step on the 2-core VM faulted
+      9-20 MiB, a DLRM step 43 MiB, ``getrusage`` minor faults, 2026-11-24; with them none).
       Until 2026-11-23 every byte written was charged here, standing in for costs the other
       figures missed; that added 50-75 % to the one-process transformer steps (GPT small: 76
       of 221 ms) whose kernels, run eagerly, measured -15..+2 % off the rest of the

@@ -63,7 +63,7 @@ def merge_profiles(profiles: Sequence[Mapping]) -> dict:
         return dict(profiles[0])
     first = profiles[0]
     for i, p in enumerate(profiles[1:], 1):
-        for key in ("host", "nproc", "cpu_count", "torch", "gpu_count", "version"):
+        for key in ("host", "nproc", "cpu_count", "torch", "gpu_count", "version", "host_allocator"):
             if p.get(key) != first.get(key):
                 raise ValueError(f"merge_profiles: profile {i} has {key}={p.get(key)!r}, profile 0 has "
                                  f"{first.get(key)!r}; only profiles of one machine and process count merge")

@@ -587,14 +587,14 @@ def first_touch_bandwidth(nbytes: int = 1 << 23, reps: int = 5, shared: bool = F
     """Bytes/s at which fresh memory is mapped, used and given back: the page-fault (map +
     zero) cost of the first write to newly mapped pages plus the unmap when it is freed, without
     the write itself. A region is mapped anonymously (as glibc does for every tensor above its
-    mmap threshold; with glibc's defaults that threshold rises to the size of freed blocks, so
-    most of a step's tensors reuse heap memory instead, see ``compute.node_time``), filled
+    mmap threshold, which the runtime fixes at 32 MiB: smaller tensors reuse heap memory, see
+    ``runtime.host_memory`` and ``compute.node_time``), filled
     once (faults + writes), again (writes only), and unmapped: (first - second) + unmap.
     Median of ``reps``, or with ``shared`` the mean.
 
-    Why: every tensor a step creates (activations, gradients, temporaries) is written to fresh
-    pages; at a few GB/s this is the largest cost of a CPU step after the matmuls, and neither
-    the matmul fit nor the kernel rates (measured on reused memory) contain it."""
+    Why: a tensor of 32 MiB or more is written to fresh pages every time it is created; at a
+    few GB/s that costs as much as a memory-bound kernel over it, and neither the matmul fit
+    nor the kernel rates (measured on reused memory) contain it."""
     import mmap
 
     import torch
@@ -1299,6 +1299,10 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
     import torch
     import torch.distributed as dist
 
+    from autopar.runtime.host_memory import configure_host_allocator
+
+    configure_host_allocator()  # as the runtime runs: the same heap reuse (see that module)
+
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     if os.path.exists("/sys/class/net/lo"):
@@ -1575,6 +1579,11 @@ def _profile(nproc: int, say: Callable[[str], None], h: _Host, matmul_sizes, col
     """One measurement of this machine: the ``"profile"`` section of a profile document."""
     import torch
 
+    from autopar.runtime.host_memory import configure_host_allocator
+
+    # measured under the allocator settings the runtime applies (apply_plan), so that the
+    # kernel, optimizer and per-node figures see the same page faults a training step does
+    configure_host_allocator()
     host, date, cores, mem, arch, cuda, prov = h.name, h.date, h.cores, h.memory_bytes, h.arch, h.cuda, h.provenance
     started = time.perf_counter()
     say(f"profiling {host} ({arch}, {cores} cores, torch {torch.__version__}, cuda={cuda})")
@@ -1776,7 +1785,7 @@ def _profile(nproc: int, say: Callable[[str], None], h: _Host, matmul_sizes, col
 
     return {"version": PROFILE_VERSION, "host": host, "date": date, "arch": arch,
             "cpu_count": cores, "nproc": nproc, "torch": torch.__version__,
-            "gpu_count": torch.cuda.device_count() if cuda else 0,
+            "host_allocator": configure_host_allocator(), "gpu_count": torch.cuda.device_count() if cuda else 0,
             "device_by_nproc": {str(k): v.to_json() for k, v in devices.items()},
             "link_by_nproc": {str(k): v.to_json() for k, v in links.items()},
             "raw": raw, "wall_s": time.perf_counter() - started}

@@ -63,6 +63,7 @@ from autopar.placements import check_mesh, to_dtensor_placement
 from autopar.plan import Plan
 from autopar.runtime import shard_local
 from autopar.runtime import sync_batch_norm as sync_bn
+from autopar.runtime.host_memory import configure_host_allocator
 from autopar.runtime.mesh import RankMesh, build_mesh
 from autopar.runtime.steps import NodeStep, Program, RuntimeRefusal, plan_steps
 
@@ -1219,6 +1220,8 @@ def apply_plan(graph_or_module: Graph | nn.Module, plan: Plan, *, example_inputs
     whole world. Raises :class:`RuntimeRefusal` for plans it cannot run exactly, naming the node
     or parameter at fault.
     """
+    # heap memory kept between steps instead of faulted in again (see runtime.host_memory)
+    configure_host_allocator()
     if isinstance(graph_or_module, Graph):
         graph = graph_or_module
     elif isinstance(graph_or_module, nn.Module):

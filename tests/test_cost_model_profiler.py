@@ -163,6 +163,9 @@ def test_profile_smoke_two_processes(tmp_path, monkeypatch):
     # the per-op cost is the runtime's DTensor dispatch, measured alone and with 2 ranks at once
     assert set(raw["dtensor_op_overhead"]) == {"1", "2"}
     assert cluster.groups[0].device.op_overhead_s == max(raw["op_overhead"]["1"], raw["dtensor_op_overhead"]["2"])
+    # measured under the allocator settings the runtime applies, and says so
+    from autopar.runtime.host_memory import host_allocator
+    assert json.loads(out.read_text())["profile"]["host_allocator"] == host_allocator() != "not configured"
     # local:N reads the profile back; an unmeasured count is rescaled from the largest one
     monkeypatch.setenv("AUTOPAR_PROFILE", str(out))
     assert Cluster.parse("local:2") == cluster
