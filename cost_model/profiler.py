@@ -1583,7 +1583,7 @@ def _profile(nproc: int, say: Callable[[str], None], h: _Host, matmul_sizes, col
 
     # measured under the allocator settings the runtime applies (apply_plan), so that the
     # kernel, optimizer and per-node figures see the same page faults a training step does
-    configure_host_allocator()
+    allocator = configure_host_allocator()
     host, date, cores, mem, arch, cuda, prov = h.name, h.date, h.cores, h.memory_bytes, h.arch, h.cuda, h.provenance
     started = time.perf_counter()
     say(f"profiling {host} ({arch}, {cores} cores, torch {torch.__version__}, cuda={cuda})")
@@ -1785,7 +1785,7 @@ def _profile(nproc: int, say: Callable[[str], None], h: _Host, matmul_sizes, col
 
     return {"version": PROFILE_VERSION, "host": host, "date": date, "arch": arch,
             "cpu_count": cores, "nproc": nproc, "torch": torch.__version__,
-            "host_allocator": configure_host_allocator(), "gpu_count": torch.cuda.device_count() if cuda else 0,
+            "host_allocator": allocator, "gpu_count": torch.cuda.device_count() if cuda else 0,
             "device_by_nproc": {str(k): v.to_json() for k, v in devices.items()},
             "link_by_nproc": {str(k): v.to_json() for k, v in links.items()},
             "raw": raw, "wall_s": time.perf_counter() - started}

@@ -45,6 +45,11 @@ ENV = "AUTOPAR_HOST_ALLOCATOR"
 _state: "str | None" = None
 
 
+def on_glibc() -> bool:
+    """Whether this process's C library is glibc on Linux (where the settings apply)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def configure_host_allocator() -> str:
     """Apply the settings above once per process; returns what this process's allocator is
     (also :func:`host_allocator`): ``"glibc tuned"``, ``"system"`` (left alone on request or
@@ -55,7 +60,7 @@ def configure_host_allocator() -> str:
     choice = os.environ.get(ENV, "tuned").strip().lower()
     if choice not in ("tuned", "system"):
         raise ValueError(f"{ENV}={os.environ[ENV]!r}: use 'tuned' (the default) or 'system'")
-    if choice == "system" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if choice == "system" or not on_glibc():
         _state = "system"
         return _state
     try:

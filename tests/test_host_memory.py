@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="the settings are glibc's mallopt")
+from autopar.runtime.host_memory import ENV, on_glibc
+
+glibc_only = pytest.mark.skipif(not on_glibc(), reason="the settings are glibc's mallopt")
 
 # A step that frees 45 MiB of heap tensors at once: glibc's default trims the heap top once
 # more than twice the (dynamic) mmap threshold is free there, so a later step faults it in again.
@@ -37,9 +37,9 @@ _STEPS = textwrap.dedent("""
 
 def _run(code: str, env_value: "str | None") -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env.pop("AUTOPAR_HOST_ALLOCATOR", None)
+    env.pop(ENV, None)
     if env_value is not None:
-        env["AUTOPAR_HOST_ALLOCATOR"] = env_value
+        env[ENV] = env_value
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
