@@ -445,6 +445,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from autopar.plan import OPTIMIZERS
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -466,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fix", metavar="K=V,...", help="pin parts of the plan: tp=8,pp=4,microbatch_size=2,"
                                                     "recompute=full")
     s.add_argument("--precision", default="fp32", choices=("fp32", "bf16-mixed", "fp16-mixed"))
-    s.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
+    s.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+                   help="torch.optim.Adam / SGD(momentum=...) as built by default, or with fused=True (*_fused); "
+                   "the step is priced for that implementation")
     s.add_argument("--json", metavar="FILE", help="write the plan here ('-' = stdout, no summary); "
                                                   "default MODELFN-CLUSTER.plan.json")
     s.add_argument("--time-limit", type=float, metavar="S", help="solver time limit in seconds")

@@ -92,6 +92,9 @@ def parallelize(cls_or_instance: Any = None, *, cluster: Any = None, example_inp
         (= "local:<WORLD_SIZE>", 1 for a plain process).
     example_inputs: one global batch (a tensor or tuple); default ``model.example_inputs()``.
     constraints: pins parts of the plan, e.g. {"tp": 2, "pp": 1, "recompute": "full"}.
+    optimizer: what the step is priced for: "adam" / "sgd" (torch.optim.Adam or AdamW / SGD
+        with momentum, PyTorch's default implementation) or "adam_fused" / "sgd_fused"
+        (built with ``fused=True``); ``train_step`` warns when given another.
     options: a SolverOptions; time_limit_s / objective / memory_reserve / allow override
         its fields of the same meaning.
     plan: a Plan or plan file to use instead of solving (must match the model's graph).

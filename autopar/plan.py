@@ -30,7 +30,9 @@ from autopar.placements import (
 SCHEMA_VERSION = 1
 SCHEDULES = ("none", "gpipe", "1f1b", "interleaved_1f1b")
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
-OPTIMIZERS = ("adam", "sgd")
+#: torch.optim.Adam / SGD (momentum), default implementation or ``fused=True`` (``*_fused``):
+#: see :data:`autopar.cost_model.memory.OPTIMIZERS`, which this must equal
+OPTIMIZERS = ("adam", "sgd", "adam_fused", "sgd_fused")
 RECOMPUTE = ("none", "full")
 OFFLOADABLE = ("params", "grads", "optimizer_state")
 

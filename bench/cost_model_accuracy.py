@@ -1,6 +1,7 @@
 """Cost-model accuracy: predicted vs measured step time and peak memory of real plans, here.
 
     python bench/cost_model_accuracy.py [--quick] [--steps 9] [--rounds 3] [--warmup 2] [--cases gpt:dp2,mlp:tp2]
+                                        [--optimizer adam_fused]
 
 1. Profile this machine (``autopar.cost_model.profiler.profile(nproc=4, repeat=3)``) in the
    same run, giving the ``local:1``, ``local:2`` and ``local:4`` clusters. ``repeat=3``: three
@@ -30,6 +31,16 @@
 4. Print per case: model, plan, predicted, measured, error; then the mean absolute
    percentage error (MAPE), the Spearman rank correlation of predicted vs measured step
    times across all cases, and peak memory predicted vs measured.
+
+The optimizer (``--optimizer``, default ``adam_fused``): every case trains with
+``torch.optim.Adam(fused=True)`` and is solved with ``optimizer="adam_fused"``, so the plan is
+priced for the step the run takes. Until 2026-11-24 the bench used PyTorch's default CPU Adam
+(the single-tensor loop; ``--optimizer adam`` still does). That loop computes
+``exp_avg_sq.sqrt()`` over every element, and this torch's CPU ``sqrt`` runs 6-9x slower on
+zeros, which is what the state of embedding rows no batch has touched holds: DLRM's step
+measured 23-38 % over its prediction in every run for a reason that depends on the data,
+not on shapes. The fused kernel takes the same time on any values and was 5-6x faster
+(2026-11-24, the 2-core VM), which is what a user training on CPUs runs.
 
 What "measured peak memory" is: per rank, the bytes of the rank's local parameter shards
 (counted exactly from the tensors) plus the peak bytes of tensors created and alive at once
@@ -210,20 +221,20 @@ def _reset_peak_rss() -> bool:
 def run_case_on_rank(case: dict, steps: int, warmup: int, probe_memory: bool) -> dict:
     """Apply the case's plan on this rank, run ``warmup`` steps (under the live-tensor probe
     when ``probe_memory``), time ``steps`` training steps, and free it all again."""
-    import torch
     import torch.distributed as dist
 
     from autopar.graph import capture
     from autopar.plan import Plan
     from autopar.runtime.apply import apply_plan
     from autopar.runtime.live_memory import LiveTensorBytes
+    from autopar.runtime.optimizers import factory
     from autopar.runtime.testing import timed_steps
 
     model, inputs, targets, loss_fn = build_small(case["model"])
     graph = capture(model, inputs)
     plan = Plan.from_json(case["plan_json"])
     pm = apply_plan(graph, plan)
-    opt = lambda ps: torch.optim.Adam(ps, lr=1e-4)  # noqa: E731
+    opt = factory(case["optimizer"], lr=1e-4)  # what the plan was priced for
     local = pm.local_param_bytes()
     gc.collect()
     reset_ok = _reset_peak_rss()
@@ -279,19 +290,19 @@ def _warm_process(ws: int) -> None:
     """Train a tiny zoo model for two steps on a data-parallel plan, so that what the first
     step of any run loads once per process (lazily imported modules, autograd and DTensor
     caches, gloo buffers) is resident before the first case's memory baseline is taken."""
-    import torch
-
     from autopar.graph import capture
     from autopar.models import ZOO
     from autopar.runtime.apply import apply_plan
+    from autopar.runtime.optimizers import factory
     from autopar.runtime.testing import make_plan
 
     e = ZOO["mlp"]
     model, inputs = e.build("tiny", batch_size=4 * ws)
     graph = capture(model, inputs)
-    pm = apply_plan(graph, make_plan(graph, "dp", ws))
+    plan = make_plan(graph, "dp", ws)
+    pm = apply_plan(graph, plan)
     targets = e.make_targets(model, inputs)
-    opt = lambda ps: torch.optim.Adam(ps, lr=1e-4)  # noqa: E731
+    opt = factory(plan.training.optimizer, lr=1e-4)
     for _ in range(2):
         pm.train_step(inputs, targets, e.loss_fn, opt)
 
@@ -339,7 +350,7 @@ def worker(cases_path: str, out_path: str, steps: int, warmup: int, rounds: int)
 
 # --------------------------------------------------------------------------- driver
 
-def predict(cases: list[Case], clusters: dict, say) -> dict[str, dict]:
+def predict(cases: list[Case], clusters: dict, say, optimizer: str = "adam_fused") -> dict[str, dict]:
     """Solve every case's pinned plan; label -> {"plan_json", "step_s", "peak_bytes"} or error."""
     from autopar.graph import capture
     from autopar.solvers.api import solve
@@ -353,7 +364,8 @@ def predict(cases: list[Case], clusters: dict, say) -> dict[str, dict]:
                 graphs[c.model] = capture(model, inputs)
             cons = dict(_FIXED)
             cons.update(PLANS[c.plan][1])
-            plan = solve(graphs[c.model], clusters[c.nproc], constraints=cons, model_name=c.model)
+            plan = solve(graphs[c.model], clusters[c.nproc], optimizer=optimizer, constraints=cons,
+                         model_name=c.model)
             q = plan.predicted
             out[c.label] = {"plan_json": plan.to_json(), "step_s": q.step_time_s,
                             "peak_bytes": max(q.memory_per_device_bytes), "compute_s": q.compute_s,
@@ -380,7 +392,8 @@ def measure(cases: list[Case], preds: dict, steps: int, warmup: int, rounds: int
         with tempfile.TemporaryDirectory() as tmp:
             cp, op = os.path.join(tmp, "cases.json"), os.path.join(tmp, "out.json")
             with open(cp, "w") as f:
-                json.dump([{"label": c.label, "model": c.model, "plan_json": preds[c.label]["plan_json"]}
+                json.dump([{"label": c.label, "model": c.model, "plan_json": preds[c.label]["plan_json"],
+                            "optimizer": json.loads(preds[c.label]["plan_json"])["training"]["optimizer"]}
                            for c in group], f)
             t0 = time.perf_counter()
             try:
@@ -410,7 +423,7 @@ def plan_shape(plan_json: str) -> dict:
 
 
 def interleaved(cases: list[Case], rounds: int, steps: int, warmup: int, timeout_s: float, save_path: str,
-                say) -> tuple[dict, dict, dict]:
+                say, optimizer: str) -> tuple[dict, dict, dict]:
     """Profile and measure in turns: profile 1, pass 1 over the cases, profile 2, pass 2, ...
 
     Why: the host's speed drifts over minutes (a 0.2 s reference matmul read the host 5-45 %
@@ -437,7 +450,7 @@ def interleaved(cases: list[Case], rounds: int, steps: int, warmup: int, timeout
                 parts.append(json.load(f)["profile"])
             if r == 0:
                 plans = predict(cases, {n: cluster_from_profile({"profile": parts[0]}, n) for n in (1, 2, 4)},
-                                lambda m: None)
+                                lambda m: None, optimizer)
             if per_round[r] == 0:
                 continue
             say(f"  pass {r + 1}/{rounds}: {per_round[r]} timed step(s) a case")
@@ -458,7 +471,7 @@ def interleaved(cases: list[Case], rounds: int, steps: int, warmup: int, timeout
     if save_path:
         write_profile(data, 4, save_path)
     clusters = {n: cluster_from_profile(data, n) for n in (1, 2, 4)}
-    preds = predict(cases, clusters, say)
+    preds = predict(cases, clusters, say, optimizer)
     for c in cases:
         a, b = plans.get(c.label, {}), preds.get(c.label, {})
         if "plan_json" in a and "plan_json" in b and plan_shape(a["plan_json"]) != plan_shape(b["plan_json"]):
@@ -512,7 +525,7 @@ def report(cases: list[Case], preds: dict, meas: dict, min_mem: float, refs: dic
               f"worst {max(abs(p - m) / m for p, m in zip(MP, MM)) * 100:.1f} % (target <= 15)")
 
 
-def report_parts(cases: list[Case], data: dict, meas: dict) -> None:
+def report_parts(cases: list[Case], data: dict, meas: dict, optimizer: str) -> None:
     """When the profile is the median of several, the MAPE each of them alone would have given
     against the same measurements: how much of the error is the draw of one profile."""
     from autopar.cost_model.cluster import cluster_from_profile
@@ -523,7 +536,8 @@ def report_parts(cases: list[Case], data: dict, meas: dict) -> None:
         return
     alone = []
     for part in parts:
-        preds = predict(cases, {n: cluster_from_profile({"profile": part}, n) for n in (1, 2, 4)}, lambda s: None)
+        preds = predict(cases, {n: cluster_from_profile({"profile": part}, n) for n in (1, 2, 4)}, lambda s: None,
+                        optimizer)
         pairs = [(preds[c.label]["step_s"], meas[c.label]["step_s"]) for c in cases
                  if "step_s" in preds.get(c.label, {}) and "step_s" in meas.get(c.label, {})]
         alone.append(mape([p for p, _ in pairs], [m for _, m in pairs]) if pairs else float("nan"))
@@ -532,6 +546,8 @@ def report_parts(cases: list[Case], data: dict, meas: dict) -> None:
 
 
 def main(argv=None) -> None:
+    from autopar.plan import OPTIMIZERS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"only {' '.join(QUICK_CASES)}, fewer steps")
     ap.add_argument("--cases", default="", help="comma-separated model:plan cases (default: all)")
@@ -548,6 +564,9 @@ def main(argv=None) -> None:
                          "when --profile-repeat equals --rounds)")
     ap.add_argument("--min-mem-mib", type=float, default=32.0,
                     help="compare peak memory only where the prediction is at least this (smaller is noise)")
+    ap.add_argument("--optimizer", default="adam_fused", choices=OPTIMIZERS,
+                    help="what every case trains with and is priced for (torch.optim.Adam / SGD; *_fused: "
+                         "fused=True). Default adam_fused: see the module docstring")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.warmup < 2:
@@ -577,7 +596,8 @@ def main(argv=None) -> None:
     if in_turns:
         say(f"profile and measure in turns: {rounds} profiles of this machine (nproc=4), each followed by a "
             f"timed pass over the cases; predictions from the per-figure median of the profiles")
-        data, preds, meas = interleaved(cases, rounds, steps, args.warmup, 590, args.save_profile, say)
+        data, preds, meas = interleaved(cases, rounds, steps, args.warmup, 590, args.save_profile, say,
+                                        args.optimizer)
         t_prof = float(data["profile"].get("wall_s", 0.0))
     else:
         if args.profile:
@@ -593,16 +613,17 @@ def main(argv=None) -> None:
                     data = json.load(f)
         clusters = {n: cluster_from_profile(data, n) for n in (1, 2, 4)}
         t_prof = time.perf_counter() - started
-        preds = predict(cases, clusters, say)
+        preds = predict(cases, clusters, say, args.optimizer)
         meas = measure(cases, preds, steps, args.warmup, rounds, 590, say)
     import torch
 
     how = ("profiles and passes in turns" if in_turns else "profile first, then the passes")
     print(f"\ncost model accuracy on {os.uname().nodename} ({os.cpu_count()} cores, torch {torch.__version__}); "
           f"median of {steps} steps in {rounds} passes ({how}), after {args.warmup} warm-up; "
+          f"optimizer {args.optimizer}; "
           f"load avg {os.getloadavg()[0]:.1f}")
     report(cases, preds, meas, args.min_mem_mib, {n: profile_reference_s(data, n) for n in (1, 2, 4)})
-    report_parts(cases, data, meas)
+    report_parts(cases, data, meas, args.optimizer)
     print(f"\ntotal {time.perf_counter() - started:.0f} s (profile {t_prof:.0f} s)")
 
 

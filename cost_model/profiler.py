@@ -46,8 +46,8 @@ What is measured (all with torch, no ISA-specific code, so it runs on x86 and AR
    per output element), so ELEMENTWISE / NORM / SOFTMAX / max POOL nodes are priced by
    measurement, not by stream bandwidth (transcendentals are compute-bound on a CPU), and
    the fused attention fits ``sdpa[_causal]_fp32_fwd`` / ``_bwd`` (:func:`attention_rates`
-   over :data:`CPU_SDPA_SHAPES`). ``optimizer_tensor_overhead_s`` and ``optimizer_rates``: a single-tensor Adam / SGD step's
-   per-tensor and per-element cost (:func:`optimizer_step_costs`). ``first_touch_bandwidth``:
+   over :data:`CPU_SDPA_SHAPES`). ``optimizer_tensor_overhead_s`` and ``optimizer_rates``: an Adam / SGD step's
+   per-tensor and per-element cost, single-tensor and fused (:func:`optimizer_step_costs`). ``first_touch_bandwidth``:
    the page-fault cost of writing freshly mapped memory (:func:`first_touch_bandwidth`),
    charged on the tensors a node allocates that are large enough to be freshly mapped
    (:data:`autopar.cost_model.compute.FRESH_MAPPING_BYTES`). Each is measured per process count.
@@ -551,8 +551,10 @@ def _mean_step_s(opt, rounds: int) -> float:
 
 def optimizer_step_costs(total_numel: int = 1 << 21, counts: tuple[int, int] = (8, 128), rounds: int = 5,
                          shared: bool = False) -> dict[str, dict[str, float]]:
-    """What one single-tensor (for-loop) optimizer step costs on CPU, for ``adam`` and ``sgd``
-    (momentum): ``{"per_tensor_s": {opt: s}, "elements_per_s": {opt: numel/s}}``.
+    """What one optimizer step costs on CPU, for ``adam`` and ``sgd`` (momentum) in PyTorch's
+    default CPU implementation (single-tensor for-loop) and built with ``fused=True``
+    (``adam_fused``, ``sgd_fused``; skipped where this torch cannot build them):
+    ``{"per_tensor_s": {opt: s}, "elements_per_s": {opt: numel/s}}``.
 
     Step time at two tensor counts with the same total numel: the slope over the count is the
     per-tensor cost (a series of small kernels per tensor: the runtime steps each local shard
@@ -562,8 +564,15 @@ def optimizer_step_costs(total_numel: int = 1 << 21, counts: tuple[int, int] = (
     import torch
 
     per_tensor, rate = {}, {}
-    for opt_name, make in (("adam", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=False)),
-                           ("sgd", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=False))):
+    makers = {"adam": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=False),
+              "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=False),
+              "adam_fused": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
+              "sgd_fused": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, fused=True)}
+    for opt_name, make in makers.items():
+        try:
+            make([torch.nn.Parameter(torch.zeros(1))])
+        except (RuntimeError, ValueError):  # fused kernels this build or device does not have
+            continue
         t = {}
         for n in counts:
             ps = [torch.nn.Parameter(torch.randn(max(1, total_numel // n))) for _ in range(n)]
@@ -750,9 +759,16 @@ def _alternating_step_s(models: dict, data: dict, loss_fn, factory, reps: int, r
     a burst of host slowness. (The fastest round, which this once used without shared cores,
     gave a 2-rank slope of 37-120 us per node in four back-to-back measurements; the median
     of 9 rounds over a 64-node chain 90-124.) ``data``: model key -> its ``(inputs, targets)``."""
-    for k, pm in models.items():
-        for _ in range(2):
-            pm.train_step(*data[k], loss_fn, factory)
+    import warnings
+
+    from autopar.runtime.optimizers import PlanOptimizerMismatch
+
+    with warnings.catch_warnings():
+        # the probe steps plain SGD on plans priced for Adam on purpose: it times the runtime
+        warnings.simplefilter("ignore", PlanOptimizerMismatch)
+        for k, pm in models.items():
+            for _ in range(2):
+                pm.train_step(*data[k], loss_fn, factory)
     per_round: dict = {k: [] for k in models}
     for _ in range(rounds):
         for k, pm in models.items():
@@ -1470,8 +1486,8 @@ def _gemm_fit_note(dev: DeviceSpec) -> str:
 _KERNEL_NOTE = ("fp32 peak_flops / matmul_flops_half / matmul_stream_bandwidth: fit_gemm over square sizes and "
                 "GEMM_SHAPES; kernel_rates: fp32 elements/s on a 512x1024 tensor, conv_fwd / conv_bwd: FLOP/s "
                 "and half-rate FLOPs of conv2d fitted over CONV_SHAPES (kernel_rates()), used for every dtype; "
-                "sdpa[_causal]_fp32_*: fused attention fitted over CPU_SDPA_SHAPES (attention_rates()); optimizer_tensor_overhead_s / optimizer_rates: single-tensor optimizer step, slope over "
-                "tensor count and per-element rate (optimizer_step_costs()); first_touch_bandwidth: page "
+                "sdpa[_causal]_fp32_*: fused attention fitted over CPU_SDPA_SHAPES (attention_rates()); optimizer_tensor_overhead_s / optimizer_rates: single-tensor and fused (*_fused) optimizer "
+                "step, slope over tensor count and per-element rate (optimizer_step_costs()); first_touch_bandwidth: page "
                 "faults + unmap of fresh anonymous memory (first_touch_bandwidth()), charged from FRESH_MAPPING_BYTES up")
 
 

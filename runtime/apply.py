@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -61,10 +62,11 @@ from autopar.graph import Graph, capture
 from autopar.placements import Replicate as _Rep
 from autopar.placements import check_mesh, to_dtensor_placement
 from autopar.plan import Plan
-from autopar.runtime import shard_local
+from autopar.runtime import optimizers, shard_local
 from autopar.runtime import sync_batch_norm as sync_bn
 from autopar.runtime.host_memory import configure_host_allocator
 from autopar.runtime.mesh import RankMesh, build_mesh
+from autopar.runtime.optimizers import PlanOptimizerMismatch
 from autopar.runtime.steps import NodeStep, Program, RuntimeRefusal, plan_steps
 
 _R = _Rep()
@@ -821,6 +823,7 @@ class ParallelModule(nn.Module):
         self._bucket_sets: dict[tuple[int, ...], _GradBuckets] = {}  # Partial axes -> buckets
         self._opt = None
         self._opt_key = None
+        self._opt_checked: set[int] = set()
         self._views: dict[str, nn.Parameter] = {}  # optimizer's plain views
         self._pipeline = None
         on_device = rmesh.device.type != "cpu"
@@ -971,13 +974,25 @@ class ParallelModule(nn.Module):
             if self._offloaded() and self.device.type != "cpu":
                 raise ValueError("this plan offloads optimizer state to the host: pass an optimizer "
                                  "factory `lambda params: ...` so autopar builds it over host copies")
+            self._check_optimizer(optimizer)
             return optimizer
         if not callable(optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or a factory, got {type(optimizer)}")
         if self._opt is None or self._opt_key is not optimizer:
             self._opt = optimizer(self.optimizer_params())
             self._opt_key = optimizer
+            self._check_optimizer(self._opt)
         return self._opt
+
+    def _check_optimizer(self, opt: torch.optim.Optimizer) -> None:
+        """Warn once per optimizer when it is not what the plan's figures were priced for
+        (:func:`autopar.runtime.optimizers.mismatch`); the run stays exact either way."""
+        if id(opt) in self._opt_checked:
+            return
+        self._opt_checked.add(id(opt))
+        why = optimizers.mismatch(self.plan.training.optimizer, opt)
+        if why:
+            warnings.warn(why, PlanOptimizerMismatch, stacklevel=4)
 
     def _offloaded(self) -> list[str]:
         return [f for f in self.local_params if "optimizer_state" in self.program.params[f].offload]

@@ -152,6 +152,7 @@ def _plan(graph, kind, ws, opts):
         zero_stage=int(opts["zero"]) if "zero" in opts else None,
         virtual_stages=int(opts.get("v", 1)),
         vocab_partial=opts.get("vocab_partial") == "1",
+        optimizer="sgd" if opts.get("opt", "sgd") == "sgd" else "adam",
     )
 
 

@@ -110,6 +110,7 @@ def run_model_worker(target: str, cluster: str, steps: int, plan_path: str | Non
 
     from autopar.graph import capture
     from autopar.plan import Plan
+    from autopar.runtime import optimizers
     from autopar.runtime.apply import apply_plan
     from autopar.runtime.live_memory import LiveTensorBytes
     from autopar.runtime.mesh import init_distributed
@@ -132,7 +133,7 @@ def run_model_worker(target: str, cluster: str, steps: int, plan_path: str | Non
     else:
         plan = _solve(model, inputs, graph, cluster, ws)
     pm = apply_plan(graph, plan)
-    opt = lambda ps: torch.optim.Adam(ps, lr=1e-4)  # noqa: E731
+    opt = optimizers.factory(plan.training.optimizer, lr=1e-4)  # what the plan was priced for
     times = []
     loss = None
     if torch.cuda.is_available():

@@ -59,6 +59,7 @@ def make_plan(
     zero_stage: int | None = None,
     virtual_stages: int = 1,
     vocab_partial: bool = False,
+    optimizer: str = "adam",
 ) -> Plan:
     """A complete Plan of ``kind`` for ``graph`` on ``world_size`` ranks (see module docstring).
 
@@ -67,6 +68,7 @@ def make_plan(
     the classes to offload instead (``("params", "grads", "optimizer_state")``: ZeRO-Infinity).
     ``vocab_partial`` leaves a vocab-parallel embedding's output a partial sum on the tp axis,
     reduced where its consumer needs it whole (a layout the solver picks when that is cheaper).
+    ``optimizer`` is the plan's ``training.optimizer`` (what ``train_step`` is expected to get).
     """
     if kind not in KIND_MESH and mesh is None:
         raise ValueError(f"unknown plan kind {kind!r}; choose from {sorted(KIND_MESH)}")
@@ -198,7 +200,7 @@ def make_plan(
     return Plan(
         cluster={"name": f"local:{ws}", "world_size": ws},
         model=ModelInfo(type(graph.module).__name__, graph.fingerprint(), graph.num_params, graph.ir),
-        training=Training("fp32", "adam", B),
+        training=Training("fp32", optimizer, B),
         mesh=mesh,
         nodes=tuple(strategies),
         params=tuple(params),

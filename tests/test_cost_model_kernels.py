@@ -181,8 +181,9 @@ def test_profiler_kernel_and_optimizer_measurements_run():
     assert all(rates[k] > 1e6 for k in sdpa if not k.endswith("_half")), rates
     assert rates["conv_fwd"] > 1e8 and rates["conv_bwd"] > 1e8 and rates["conv_fwd_half"] >= 1
     opt = optimizer_step_costs(total_numel=1 << 14, counts=(2, 32), rounds=2)
-    assert set(opt["elements_per_s"]) == {"adam", "sgd", "adam_large", "sgd_large"}
-    assert set(opt["per_tensor_s"]) == {"adam", "sgd"} and all(v >= 0 for v in opt["per_tensor_s"].values())
+    names = {"adam", "sgd", "adam_fused", "sgd_fused"}  # torch 2.13's CPU build has the fused kernels
+    assert set(opt["elements_per_s"]) == names | {f"{n}_large" for n in names}
+    assert set(opt["per_tensor_s"]) == names and all(v >= 0 for v in opt["per_tensor_s"].values())
     assert all(v > 0 for v in opt["elements_per_s"].values())
 
 
@@ -225,6 +226,11 @@ def test_optimizer_step_time_from_measured_rates():
     assert optimizer_step_time(4e6, 50, "adamw", cpu) == pytest.approx(4e6 / 4e8 + 50 * 2e-5)
     assert optimizer_step_time(4e6, 50, "sgd", cpu) is None  # not measured: caller keeps the roofline
     assert optimizer_step_time(4e6, 50, "adam", get_device("h100-sxm")) is None
+    # the fused implementation is priced by its own measurement, or (older profiles) not at all
+    assert optimizer_step_time(4e6, 50, "adam_fused", cpu) is None
+    fused = _cpu(optimizer_tensor_overhead_s={"adam": 2e-5, "adam_fused": 1e-6},
+                 optimizer_rates={"adam": 4e8, "adam_fused": 2e9})
+    assert optimizer_step_time(4e6, 50, "adam_fused", fused) == pytest.approx(4e6 / 2e9 + 50 * 1e-6)
     with pytest.raises(ValueError, match="optimizer_rates"):
         _cpu(optimizer_rates={"adam": 0.0})
 
