@@ -234,7 +234,7 @@ def run_case_on_rank(case: dict, steps: int, warmup: int, probe_memory: bool) ->
     graph = capture(model, inputs)
     plan = Plan.from_json(case["plan_json"])
     pm = apply_plan(graph, plan)
-    opt = factory(case["optimizer"], lr=1e-4)  # what the plan was priced for
+    opt = factory(plan.training.optimizer, lr=1e-4)  # what the plan was priced for
     local = pm.local_param_bytes()
     gc.collect()
     reset_ok = _reset_peak_rss()
@@ -350,7 +350,7 @@ def worker(cases_path: str, out_path: str, steps: int, warmup: int, rounds: int)
 
 # --------------------------------------------------------------------------- driver
 
-def predict(cases: list[Case], clusters: dict, say, optimizer: str = "adam_fused") -> dict[str, dict]:
+def predict(cases: list[Case], clusters: dict, say, optimizer: str) -> dict[str, dict]:
     """Solve every case's pinned plan; label -> {"plan_json", "step_s", "peak_bytes"} or error."""
     from autopar.graph import capture
     from autopar.solvers.api import solve
@@ -392,8 +392,7 @@ def measure(cases: list[Case], preds: dict, steps: int, warmup: int, rounds: int
         with tempfile.TemporaryDirectory() as tmp:
             cp, op = os.path.join(tmp, "cases.json"), os.path.join(tmp, "out.json")
             with open(cp, "w") as f:
-                json.dump([{"label": c.label, "model": c.model, "plan_json": preds[c.label]["plan_json"],
-                            "optimizer": json.loads(preds[c.label]["plan_json"])["training"]["optimizer"]}
+                json.dump([{"label": c.label, "model": c.model, "plan_json": preds[c.label]["plan_json"]}
                            for c in group], f)
             t0 = time.perf_counter()
             try:

@@ -66,7 +66,6 @@ from autopar.runtime import optimizers, shard_local
 from autopar.runtime import sync_batch_norm as sync_bn
 from autopar.runtime.host_memory import configure_host_allocator
 from autopar.runtime.mesh import RankMesh, build_mesh
-from autopar.runtime.optimizers import PlanOptimizerMismatch
 from autopar.runtime.steps import NodeStep, Program, RuntimeRefusal, plan_steps
 
 _R = _Rep()
@@ -992,7 +991,7 @@ class ParallelModule(nn.Module):
         self._opt_checked.add(id(opt))
         why = optimizers.mismatch(self.plan.training.optimizer, opt)
         if why:
-            warnings.warn(why, PlanOptimizerMismatch, stacklevel=4)
+            warnings.warn(why, optimizers.PlanOptimizerMismatch, stacklevel=4)
 
     def _offloaded(self) -> list[str]:
         return [f for f in self.local_params if "optimizer_state" in self.program.params[f].offload]
